@@ -1,0 +1,170 @@
+"""`agent`: the device-side command line. main() -> exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig, config_path, load
+from agent.errors import AgentError, DaemonNotRunning
+
+EXIT_NOT_RUNNING = 3  # as `systemctl status` says of a stopped unit
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load(config_path(args.config))
+        return int(args.func(cfg, args))
+    except DaemonNotRunning as err:
+        print(f"agent: {err}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except AgentError as err:
+        print(f"agent: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent", description="edge-agent: models from the fleet, served on this robot.")
+    p.add_argument("--config", help="TOML config (default: $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml)")
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+    c = sub.add_parser("run", help="run the daemon (what the systemd unit starts)")
+    c.set_defaults(func=cmd_run)
+    c = sub.add_parser("status", help="what the daemon is doing; exit 3 when it is not running")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_status)
+    c = sub.add_parser("models", help="the model history with states and reasons")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--limit", type=int, default=20)
+    c.set_defaults(func=cmd_models)
+    c = sub.add_parser("deploy", help="put a local ONNX file through the same pipeline")
+    c.add_argument("model", type=Path)
+    c.add_argument("--version", dest="model_version", default="")
+    c.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the outcome (0: don't)")
+    c.set_defaults(func=cmd_deploy)
+    return p
+
+
+def cmd_run(cfg: AgentConfig, _args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=cfg.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from agent.daemon import Daemon
+
+    return Daemon(cfg).run()
+
+
+def _ask(cfg: AgentConfig, request: dict[str, Any], payload: Path | None = None) -> dict[str, Any]:
+    from agent.control import call
+
+    reply = call(cfg.control_path, request, payload)
+    if not reply.get("ok"):
+        raise AgentError(str(reply.get("error", "the daemon refused the request")))
+    return reply
+
+
+def cmd_status(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    try:
+        status = _ask(cfg, {"cmd": "status"})["status"]
+    except DaemonNotRunning as err:
+        if args.json:
+            print(json.dumps({"device_id": cfg.device_id, "state": "not running", "reason": str(err)}))
+        else:
+            print(f"edge-agent on {cfg.device_id} is not running: {err}.")
+        return EXIT_NOT_RUNNING
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def format_status(s: dict[str, Any]) -> str:
+    a, p, r, lat = s["active"], s["pending"], s["last_rejected"], s["latency_last_minute"]
+    broker = "connected" if s["broker"]["connected"] else "NOT connected"
+    lines = [
+        f"edge-agent {s['agent_version']} on {s['device_id']}: {s['state']}, up {_dur(s['uptime_s'])}",
+        f"  channel   {s['channel']}   backend {s['backend']} {s['backend_version']}",
+        f"  broker    {broker} ({s['broker']['url']})",
+    ]
+    if s["broker"]["conflict"]:
+        lines.append(f"  WARNING   {s['broker']['conflict']}")
+    lines.append(
+        f"  active    {a['version']} (sha256 {a['sha256'][:12]}, since {_when(a['activated_at'])})"
+        if a
+        else "  active    none yet"
+    )
+    if p:
+        pct = f" {100 * p['downloaded_bytes'] / p['total_bytes']:.0f}%" if p["total_bytes"] else ""
+        lines.append(f"  pending   {p['version']}: {p['stage']}{pct} ({p['reason']})")
+    if r:
+        lines.append(f"  rejected  {r['version']} at {_when(r['at'])}: {r['reason']}")
+    lines.append(
+        f"  latency   p50 {lat['p50_us']} µs, p99 {lat['p99_us']} µs over {lat['count']} calls in the last minute"
+    )
+    lines.append(f"  clients   {s['clients']} connected; {s['requests']} requests served, {s['request_errors']} errors")
+    if s["outbox"]:
+        lines.append(f"  outbox    {s['outbox']} events waiting for the broker")
+    return "\n".join(lines)
+
+
+def cmd_models(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent.store import Store
+
+    db = cfg.state_dir / "agent.db"
+    if not db.exists():
+        print("no models yet" if not args.json else "[]")
+        return 0
+    store = Store(cfg.state_dir, readonly=True)
+    records = store.history(args.limit)
+    if args.json:
+        print(json.dumps([r.to_json() for r in records], indent=2))
+        return 0
+    for r in records:
+        print(f"{r.id:>4}  {r.version:<20} {r.state.value:<12} {_when(r.updated_at):<19}  {r.reason}")
+    return 0
+
+
+def cmd_deploy(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    path: Path = args.model
+    if not path.is_file():
+        raise AgentError(f"{path}: no such file")
+    reply = _ask(
+        cfg,
+        {"cmd": "deploy", "version": args.model_version, "size": path.stat().st_size, "name": path.name},
+        payload=path,
+    )
+    print(f"deploying {reply['version']} (sha256 {reply['sha256'][:12]})")
+    if args.wait <= 0:
+        return 0
+    return _wait_outcome(cfg, int(reply["id"]), args.wait)
+
+
+def _wait_outcome(cfg: AgentConfig, model_id: int, timeout: float) -> int:
+    from agent.store import Store
+
+    store = Store(cfg.state_dir, readonly=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = store.get(model_id)
+        if rec.state.value in ("active", "staged", "rejected"):
+            print(f"{rec.version}: {rec.state.value} ({rec.reason})")
+            return 0 if rec.state.value != "rejected" else 1
+        time.sleep(0.1)
+    print(f"still in progress after {timeout:.0f} s; see `agent status`")
+    return 1
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _dur(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,125 @@
+"""The control socket: how `agent status`, `agent deploy` and friends talk to the running daemon.
+
+One JSON object per line each way. `deploy` is followed by `size` raw bytes of the ONNX file, which
+this thread stores under <state_dir>/incoming before handing the request to the coordinator.
+Access to this socket (file mode 0660) is what authorises a local deploy."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from agent.errors import DaemonNotRunning
+
+log = logging.getLogger(__name__)
+
+REPLY_TIMEOUT_S = 30.0
+
+
+class ControlServer:
+    def __init__(self, path: Path, incoming: Path, events: queue.Queue[tuple[Any, ...]]) -> None:
+        self.path = path
+        self.incoming = incoming
+        self.events = events
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        for stale in self.incoming.glob("*.part"):
+            stale.unlink()
+        if self.path.is_socket():
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o660)
+        sock.listen(16)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+            self._sock.close()
+            self.path.unlink(missing_ok=True)
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed by stop()
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            try:
+                request = json.loads(f.readline(1 << 16) or b"null")
+                if not isinstance(request, dict) or "cmd" not in request:
+                    raise ValueError("a request is a JSON object with a 'cmd'")
+                if request["cmd"] == "deploy":
+                    request["path"] = str(self._receive(f, int(request["size"])))
+                reply = self._ask(request)
+            except (ValueError, OSError, KeyError) as err:
+                reply = {"ok": False, "error": str(err)}
+            f.write(json.dumps(reply).encode() + b"\n")
+            f.flush()
+
+    def _receive(self, f: Any, size: int) -> Path:
+        part = self.incoming / f"{uuid.uuid4().hex}.part"
+        left = size
+        with part.open("wb") as out:
+            while left:
+                block = f.read(min(left, 1 << 20))
+                if not block:
+                    part.unlink()
+                    raise ValueError(f"the file ended after {size - left} of {size} bytes")
+                out.write(block)
+                left -= len(block)
+        return part
+
+    def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        reply: queue.Queue[dict[str, Any]] = queue.Queue(1)
+        self.events.put(("control", request, reply))
+        try:
+            return reply.get(timeout=REPLY_TIMEOUT_S)
+        except queue.Empty:
+            return {"ok": False, "error": f"the daemon did not answer within {REPLY_TIMEOUT_S:.0f} s"}
+
+
+def call(path: Path, request: dict[str, Any], payload: Path | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """Client side: one request, one reply. DaemonNotRunning when nobody answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as err:
+        sock.close()
+        raise DaemonNotRunning(f"the agent is not running (nothing answers on {path})") from err
+    except PermissionError as err:
+        sock.close()
+        raise DaemonNotRunning(f"no permission to talk to the agent on {path} (join its group)") from err
+    with sock, sock.makefile("rwb") as f:
+        f.write(json.dumps(request).encode() + b"\n")
+        if payload is not None:
+            with payload.open("rb") as src:
+                while block := src.read(1 << 20):
+                    f.write(block)
+        f.flush()
+        line = f.readline()
+    if not line:
+        raise DaemonNotRunning(f"the agent closed the control socket {path} without answering")
+    result: dict[str, Any] = json.loads(line)
+    return result

@@ -1,0 +1,409 @@
+"""The composition root and the coordinator. `Daemon` builds every part, then one thread (the
+caller of `run`) owns all state: paho, the control socket and the pipeline worker only enqueue."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.engines import Backend, select_backend
+from agent.errors import AgentError, ProtocolError, RejectedModel
+from agent.fetch import s3_client, sha256_file
+from agent.lifecycle import ModelState
+from agent.link import Link
+from agent.onnxinfo import check_onnx, signature
+from agent.pipeline import ActiveContract, Candidate, Pipeline
+from agent.protocol import Announcement, Manifest, ObjectRef, Topics, decode, encode, new_event, now
+from agent.serve import InferenceServer, ServedModel
+from agent.status import StatusBuilder
+from agent.store import ModelRecord, Store
+from agent.telemetry import LatencyRecorder
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5
+OUTBOX_BATCH = 50
+
+
+class Daemon:
+    def __init__(self, cfg: AgentConfig, backend: Backend | None = None) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.topic_prefix)
+        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock(cfg.state_dir / "agent.lock")
+        self.store = Store(cfg.state_dir)
+        self.backend = backend or select_backend(cfg.backend)
+        self.recorder = LatencyRecorder()
+        self.server = InferenceServer(cfg.socket, self.recorder)
+        self.link = Link(
+            cfg.mqtt, cfg.device_id, self.topics.status(cfg.device_id), encode(self._offline_status()), self.events
+        )
+        self._s3: Any = None
+        self.pipeline = Pipeline(
+            self.store,
+            self.backend,
+            self._s3_client,
+            cfg.disk_reserve_mb * 2**20,
+            self._report_stage,
+            self._report_progress,
+        )
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        from agent.control import ControlServer
+
+        self.control = ControlServer(cfg.control_path, cfg.state_dir / "incoming", self.events)
+        self.status = StatusBuilder(self)
+        self.working: Candidate | None = None
+        self.waiting: list[Candidate] = []
+        self.progress: dict[int, tuple[int, int]] = {}
+        self.inflight: dict[int, int] = {}  # MQTT message id -> outbox row
+        self.ignored_payloads = 0
+        self.last_ignored = ""
+        self.stopping = False
+        self.started_at = time.time()
+        self._next_telemetry = time.monotonic() + cfg.telemetry.interval_s
+
+    # -- life ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.events.put(("stop",)))
+        signal.signal(signal.SIGINT, lambda *_: self.events.put(("stop",)))
+        self._restore_active()
+        self.server.start()
+        self.control.start()
+        self.link.start()
+        self._resume_unfinished()
+        log.info(
+            "agent %s serving on %s (device %s, channel %s, backend %s %s)",
+            __version__,
+            self.cfg.socket,
+            self.cfg.device_id,
+            self.cfg.channel,
+            self.backend.name,
+            self.backend.version(),
+        )
+        while not self.stopping:
+            try:
+                event = self.events.get(timeout=TICK_S)
+            except queue.Empty:
+                event = ("tick",)
+            self._dispatch(event)
+            self._periodic()
+        self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        log.info("stopping")
+        self.pipeline.cancel.set()
+        self.control.stop()
+        self.link.stop(self.topics.status(self.cfg.device_id), encode(self._offline_status()))
+        self.worker.shutdown(wait=True, cancel_futures=True)
+        self.server.stop()
+        self.store.close()
+        os.close(self._lock_fd)
+
+    def _dispatch(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "stop":
+            self.stopping = True
+        elif kind == "mqtt-message":
+            self._on_message(event[1], event[2])
+        elif kind == "mqtt-connected":
+            self._on_connected(event[1])
+        elif kind == "mqtt-disconnected":
+            log.warning("broker connection lost: %s", event[1])
+            self.inflight.clear()  # unacknowledged events stay in the outbox and go again
+        elif kind == "mqtt-published":
+            row = self.inflight.pop(event[1], None)
+            if row is not None:
+                self.store.outbox_done(row)
+        elif kind == "stage":
+            self._apply_stage(*event[1:])
+        elif kind == "progress":
+            self.progress[event[1]] = (event[2], event[3])
+        elif kind == "pipeline-done":
+            self._on_pipeline_done(event[1], event[2], event[3])
+        elif kind == "control":
+            event[2].put(self._on_control(event[1]))
+
+    def _periodic(self) -> None:
+        self._drain_outbox()
+        if time.monotonic() >= self._next_telemetry:
+            self._next_telemetry += self.cfg.telemetry.interval_s
+            self._publish_telemetry()
+
+    # -- MQTT ------------------------------------------------------------------------------------
+    def _on_connected(self, session_present: bool) -> None:
+        log.info("connected to %s (session present: %s)", self.cfg.mqtt.url, session_present)
+        self.link.subscribe(self.topics.announce(self.cfg.channel))
+        self.inflight.clear()
+        self.publish_status()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            ann = Announcement.from_json(decode(payload, "announcement"))
+            if ann.channel != self.cfg.channel or topic != self.topics.announce(ann.channel):
+                raise ProtocolError(f"announcement for channel {ann.channel!r} on topic {topic}")
+        except ProtocolError as err:
+            self.ignored_payloads += 1
+            self.last_ignored = f"{topic}: {err}"
+            log.warning("ignored a payload on %s: %s", topic, err)
+            self.emit("payload_ignored", topic=topic, reason=str(err))
+            return
+        self._on_announcement(ann)
+
+    def _on_announcement(self, ann: Announcement) -> None:
+        mark = f"seq:{ann.channel}"
+        last = self.store.mark(mark)
+        if last is not None and ann.sequence == last:
+            log.debug("announcement %d already handled", ann.sequence)
+            return
+        if last is not None and ann.sequence < last:
+            rec = self.store.add(ann.manifest, ann.channel, ann.sequence, "channel", "announced")
+            self.transition(
+                rec,
+                ModelState.REJECTED,
+                f"stale announcement: sequence {ann.sequence} is older than the last handled ({last})",
+            )
+            return
+        self.store.set_mark(mark, ann.sequence)
+        rec = self.store.add(
+            ann.manifest, ann.channel, ann.sequence, "channel", f"announced on {ann.channel} (sequence {ann.sequence})"
+        )
+        self._announce_event(rec)
+        self._schedule(Candidate(rec.id, ann.manifest, "channel"))
+
+    # -- the pipeline ------------------------------------------------------------------------------
+    def _schedule(self, cand: Candidate) -> None:
+        if self.working is None:
+            self._start(cand)
+        else:
+            self.waiting.append(cand)
+
+    def _start(self, cand: Candidate) -> None:
+        self.working = cand
+        self.pipeline.cancel.clear()
+        contract = self._active_contract()
+        self.worker.submit(self._work, cand, contract)
+
+    def _work(self, cand: Candidate, contract: ActiveContract | None) -> None:
+        """Runs on the pipeline thread."""
+        try:
+            served = self.pipeline.prepare(cand, contract)
+            self.events.put(("pipeline-done", cand, served, ""))
+        except RejectedModel as err:
+            self.events.put(("pipeline-done", cand, None, str(err)))
+        except Exception as err:
+            log.exception("pipeline failed on %s", cand.manifest.version)
+            self.events.put(("pipeline-done", cand, None, f"internal error: {type(err).__name__}: {err}"))
+
+    def _report_stage(self, record_id: int, state: ModelState, reason: str, figures: dict[str, Any]) -> None:
+        self.events.put(("stage", record_id, state, reason, figures))
+
+    def _report_progress(self, record_id: int, done: int, total: int) -> None:
+        last = self.progress.get(record_id, (0, 0))[0]
+        if done == total or done - last >= max(total // 50, 1 << 20):
+            self.events.put(("progress", record_id, done, total))
+
+    def _apply_stage(self, record_id: int, state: ModelState, reason: str, figures: dict[str, Any]) -> None:
+        rec = self.store.get(record_id)
+        if "engine_key" in figures:
+            self.store.set_engine_key(rec, figures.pop("engine_key"))
+        self.transition(rec, state, reason, **figures)
+
+    def _on_pipeline_done(self, cand: Candidate, served: ServedModel | None, error: str) -> None:
+        self.working = None
+        self.progress.pop(cand.record_id, None)
+        rec = self.store.get(cand.record_id)
+        if served is None:
+            if not rec.state.terminal:
+                self.transition(rec, ModelState.REJECTED, error or "cancelled")
+        else:
+            self._activate(rec, served)
+        if self.waiting:
+            newest, older = self.waiting[-1], self.waiting[:-1]
+            self.waiting = []
+            for c in older:
+                self.transition(
+                    self.store.get(c.record_id), ModelState.REJECTED, f"superseded by {newest.manifest.version}"
+                )
+            self._start(newest)
+
+    def _activate(self, rec: ModelRecord, served: ServedModel) -> None:
+        previous = self.store.active()
+        if not self.server.swap(served):
+            self.transition(rec, ModelState.REJECTED, "the serving thread did not take the swap in time")
+            return
+        self.transition(rec, ModelState.ACTIVE, "swapped in; serving")
+        if previous is not None and previous.id != rec.id:
+            self.transition(previous, ModelState.RETIRED, f"replaced by {rec.version}")
+
+    def _active_contract(self) -> ActiveContract | None:
+        model = self.server.model
+        if model is None:
+            return None
+        return ActiveContract(model.engine.inputs, model.engine.outputs)
+
+    # -- restart recovery ------------------------------------------------------------------------
+    def _restore_active(self) -> None:
+        """The active model comes back from the state dir: no download, no build."""
+        rec = self.store.active()
+        if rec is None or rec.engine_key is None:
+            return
+        try:
+            engine = self.backend.load(self.store.engine_path(rec.engine_key))
+        except Exception as err:
+            log.error("the active model %s does not load from its engine: %s", rec.version, err)
+            self.transition(rec, ModelState.ROLLED_BACK, f"engine does not load after restart: {err}")
+            return
+        self.server.swap_now(ServedModel(engine, rec.version, rec.sha256, self.backend.name))
+        log.info("restored active model %s from %s", rec.version, rec.engine_key)
+
+    def _resume_unfinished(self) -> None:
+        unfinished = [r for r in self.store.in_state(*_RESUMABLE)]
+        for rec in unfinished[:-1]:
+            self.transition(rec, ModelState.REJECTED, f"superseded by {unfinished[-1].version}")
+        if unfinished:
+            rec = unfinished[-1]
+            log.info("resuming %s from %s", rec.version, rec.state.value)
+            self._schedule(Candidate(rec.id, rec.manifest, rec.source))
+
+    # -- local deploy and other control requests --------------------------------------------------
+    def _on_control(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        try:
+            if cmd == "status":
+                return {"ok": True, "status": self.status.build()}
+            if cmd == "deploy":
+                return self._deploy(Path(req["path"]), str(req.get("version") or ""))
+        except AgentError as err:
+            return {"ok": False, "error": str(err)}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _deploy(self, part: Path, version: str) -> dict[str, Any]:
+        """A local file takes the channel's pipeline from 'verified' on; authorised by socket access."""
+        try:
+            proto = check_onnx(part)
+        except RejectedModel:
+            part.unlink(missing_ok=True)
+            raise
+        inputs, outputs = signature(proto)
+        sha = sha256_file(part).hexdigest()
+        dest = self.store.model_path(sha)
+        os.replace(part, dest)
+        manifest = Manifest(
+            version=version or f"local-{sha[:12]}",
+            sha256=sha,
+            size=dest.stat().st_size,
+            model=ObjectRef("local", dest.name),
+            inputs=inputs,
+            outputs=outputs,
+            created_at=now(),
+        )
+        rec = self.store.add(manifest, self.cfg.channel, None, "local", "deployed from a local file")
+        self._announce_event(rec)
+        self._schedule(Candidate(rec.id, manifest, "local"))
+        return {"ok": True, "id": rec.id, "version": manifest.version, "sha256": sha}
+
+    # -- reporting -------------------------------------------------------------------------------
+    def transition(self, rec: ModelRecord, state: ModelState, reason: str, **figures: Any) -> ModelRecord:
+        rec = self.store.set_state(rec, state, reason, **figures)
+        level = logging.WARNING if state in (ModelState.REJECTED, ModelState.ROLLED_BACK) else logging.INFO
+        log.log(level, "model %s -> %s: %s", rec.version, state.value, reason)
+        self.emit(
+            "model_state",
+            model_id=rec.id,
+            version=rec.version,
+            sha256=rec.sha256,
+            state=state.value,
+            reason=reason,
+            source=rec.source,
+            figures=figures,
+        )
+        self.publish_status()
+        return rec
+
+    def _announce_event(self, rec: ModelRecord) -> None:
+        self.emit(
+            "model_state",
+            model_id=rec.id,
+            version=rec.version,
+            sha256=rec.sha256,
+            state=rec.state.value,
+            reason=rec.reason,
+            source=rec.source,
+            figures={},
+        )
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        event = new_event(self.cfg.device_id, kind, **fields)
+        dropped = self.store.outbox_put(
+            self.topics.events(self.cfg.device_id), encode(event), self.cfg.outbox_max_events
+        )
+        if dropped:
+            log.warning("outbox full: dropped the %d oldest events", dropped)
+        self._drain_outbox()
+
+    def _drain_outbox(self) -> None:
+        if not self.link.connected:
+            return
+        for row_id, topic, payload in self.store.outbox_peek(OUTBOX_BATCH, set(self.inflight.values())):
+            mid = self.link.publish(topic, payload, qos=1)
+            if mid is None:
+                return
+            self.inflight[mid] = row_id
+
+    def publish_status(self) -> None:
+        self.link.publish(self.topics.status(self.cfg.device_id), encode(self.status.mqtt()), retain=True)
+
+    def _publish_telemetry(self) -> None:
+        summary = self.recorder.take_interval()
+        model = self.server.model
+        payload = {
+            "protocol": 1,
+            "type": "telemetry",
+            "device_id": self.cfg.device_id,
+            "ts": now(),
+            "interval_s": self.cfg.telemetry.interval_s,
+            "model_version": model.version if model else None,
+            **summary.to_json(),
+        }
+        self.link.publish(self.topics.telemetry(self.cfg.device_id), encode(payload), qos=1)
+        self.publish_status()
+
+    def _offline_status(self) -> dict[str, Any]:
+        return {"protocol": 1, "type": "status", "device_id": self.cfg.device_id, "online": False, "ts": now()}
+
+    def _s3_client(self) -> Any:
+        if self._s3 is None:
+            s3 = self.cfg.s3
+            self._s3 = s3_client(s3.endpoint_url, s3.region, s3.connect_timeout_s, s3.read_timeout_s)
+        return self._s3
+
+
+_RESUMABLE = (
+    ModelState.ANNOUNCED,
+    ModelState.DOWNLOADING,
+    ModelState.VERIFIED,
+    ModelState.BUILDING,
+    ModelState.VALIDATING,
+    ModelState.STAGED,
+)
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        os.close(fd)
+        raise AgentError(f"another agent is already running on {path.parent}") from err
+    return fd

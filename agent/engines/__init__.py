@@ -1,0 +1,67 @@
+"""Inference backends behind one interface. Imports are guarded so every machine without a GPU
+still runs the whole product on the ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from agent.errors import AgentError
+from agent.protocol import TensorSpec
+
+
+class Engine(Protocol):
+    """A loaded, runnable model. `run` is called from the serving thread only."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Turns an ONNX file into an engine file (`build`), and an engine file into an Engine (`load`)."""
+
+    name: str
+
+    def version(self) -> str: ...
+
+    def cache_identity(self) -> dict[str, str]:
+        """What, besides the model's sha256, makes an engine file valid: device, precision, options."""
+        ...
+
+    def build(self, onnx_path: Path, engine_path: Path) -> None: ...
+
+    def load(self, engine_path: Path) -> Engine: ...
+
+
+class BackendUnavailable(AgentError):
+    pass
+
+
+def engine_key(model_sha256: str, backend: Backend) -> str:
+    """Engine cache key: model + backend and its version + device + precision + build options."""
+    ident = {"model": model_sha256, "backend": backend.name, "version": backend.version(), **backend.cache_identity()}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return f"{model_sha256[:16]}-{backend.name}-{digest[:16]}"
+
+
+def select_backend(choice: str) -> Backend:
+    """`auto` takes TensorRT where it imports and a GPU answers, else ONNX Runtime."""
+    if choice in ("tensorrt", "auto"):
+        try:
+            from agent.engines.tensorrt import TensorRTBackend
+
+            return TensorRTBackend()
+        except BackendUnavailable:
+            if choice == "tensorrt":
+                raise
+    from agent.engines.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend()

@@ -1,0 +1,179 @@
+"""Resumable, verified, atomic S3 download.
+
+Bytes land in `<dest>.part`, hashed while streaming; `<dest>.part.etag` remembers which object
+version they came from. A restart resumes with a ranged GET that requires the same ETag (IfMatch)
+and starts again from 0 if the object changed. `dest` appears only once its sha256 matches."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from agent.errors import FetchError
+from agent.protocol import ObjectRef
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+ATTEMPTS = 5
+Progress = Callable[[int, int], None]
+
+
+class Cancelled(Exception):
+    pass
+
+
+def sha256_file(path: Path, limit: int | None = None) -> hashlib._Hash:
+    h = hashlib.sha256()
+    remaining = limit if limit is not None else -1
+    with path.open("rb") as f:
+        while remaining != 0:
+            block = f.read(CHUNK if remaining < 0 else min(CHUNK, remaining))
+            if not block:
+                break
+            h.update(block)
+            remaining -= len(block) if remaining > 0 else 0
+    return h
+
+
+def fetch(
+    s3: Any,
+    ref: ObjectRef,
+    dest: Path,
+    sha256: str,
+    size: int,
+    reserve_bytes: int,
+    progress: Progress,
+    cancel: threading.Event,
+) -> None:
+    """Download `ref` to `dest`, verified against `sha256` and `size`. Raises FetchError."""
+    if dest.exists() and sha256_file(dest).hexdigest() == sha256:
+        return
+    etag = _head(s3, ref, size)
+    part, etag_file = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.etag")
+    if not etag_file.exists() or etag_file.read_text() != etag:
+        part.unlink(missing_ok=True)  # no record of its source, or the object changed: start over
+        etag_file.write_text(etag)
+    _check_disk(dest.parent, size - (part.stat().st_size if part.exists() else 0), reserve_bytes)
+    hasher = hashlib.sha256()
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            hasher = sha256_file(part) if part.exists() else hashlib.sha256()  # what is already there
+            _stream(s3, ref, part, etag, size, hasher, progress, cancel)
+            break
+        except (BotoCoreError, ClientError, OSError) as err:
+            if _is_precondition_failed(err):
+                log.info("%s changed since the .part was started: downloading from 0", ref.key)
+                part.unlink(missing_ok=True)
+                etag = _head(s3, ref, size)
+                etag_file.write_text(etag)
+            elif attempt == ATTEMPTS:
+                raise FetchError(f"s3://{ref.bucket}/{ref.key}: {err}") from err
+            log.warning("download of %s interrupted (%s); retry %d/%d", ref.key, err, attempt, ATTEMPTS)
+            time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
+    _finish(part, etag_file, dest, sha256, hasher.hexdigest(), size)
+
+
+def _head(s3: Any, ref: ObjectRef, size: int) -> str:
+    try:
+        head = s3.head_object(Bucket=ref.bucket, Key=ref.key)
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise FetchError(f"s3://{ref.bucket}/{ref.key} does not exist") from err
+        raise FetchError(f"s3://{ref.bucket}/{ref.key}: {err}") from err
+    except BotoCoreError as err:
+        raise FetchError(f"s3://{ref.bucket}/{ref.key}: {err}") from err
+    if head["ContentLength"] != size:
+        raise FetchError(f"s3://{ref.bucket}/{ref.key} is {head['ContentLength']} bytes, the manifest says {size}")
+    return str(head["ETag"])
+
+
+def _check_disk(folder: Path, needed: int, reserve: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free - needed < reserve:
+        raise FetchError(
+            f"not enough disk: {needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free, "
+            f"{reserve / 2**20:.0f} MiB must stay free (disk_reserve_mb)"
+        )
+
+
+def _stream(
+    s3: Any,
+    ref: ObjectRef,
+    part: Path,
+    etag: str,
+    size: int,
+    hasher: hashlib._Hash,
+    progress: Progress,
+    cancel: threading.Event,
+) -> None:
+    offset = part.stat().st_size if part.exists() else 0
+    if offset >= size:
+        return
+    resp = s3.get_object(Bucket=ref.bucket, Key=ref.key, Range=f"bytes={offset}-", IfMatch=etag)
+    body = resp["Body"]
+    done = offset
+    try:
+        with part.open("ab") as f:
+            for chunk in body.iter_chunks(CHUNK):
+                if cancel.is_set():
+                    raise Cancelled
+                f.write(chunk)
+                hasher.update(chunk)
+                done += len(chunk)
+                progress(done, size)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        body.close()
+    if done < size:
+        raise OSError(f"connection closed after {done} of {size} bytes")
+
+
+def _finish(part: Path, etag_file: Path, dest: Path, sha256: str, digest: str, size: int) -> None:
+    got = part.stat().st_size
+    if got != size:
+        part.unlink(missing_ok=True)
+        raise FetchError(f"truncated: got {got} of {size} bytes")
+    if digest != sha256:
+        part.unlink(missing_ok=True)
+        etag_file.unlink(missing_ok=True)
+        raise FetchError(f"sha256 mismatch: the manifest says {sha256[:12]}…, the bytes hash to {digest[:12]}…")
+    os.replace(part, dest)
+    etag_file.unlink(missing_ok=True)
+    _fsync_dir(dest.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_precondition_failed(err: Exception) -> bool:
+    if not isinstance(err, ClientError):
+        return False
+    return err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
+
+
+def s3_client(endpoint_url: str | None, region: str, connect_timeout: float = 5, read_timeout: float = 30) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        connect_timeout=connect_timeout, read_timeout=read_timeout, retries={"max_attempts": 3, "mode": "standard"}
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)

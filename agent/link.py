@@ -1,0 +1,107 @@
+"""The agent's MQTT session. Callbacks run on paho's thread and only enqueue for the coordinator."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.config import MqttConfig
+from agent.mqtt import SESSION_TAKEN_OVER, host_port, jitter_backoff, make_client, session_properties
+
+log = logging.getLogger(__name__)
+
+CONFLICT_BACKOFF_S = 300.0
+
+
+class Link:
+    """Posts ("mqtt-connected", session_present), ("mqtt-disconnected", reason),
+    ("mqtt-message", topic, payload) and ("mqtt-published", mid) onto the coordinator's queue."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        device_id: str,
+        will_topic: str,
+        will_payload: bytes,
+        events: queue.Queue[tuple[Any, ...]],
+    ) -> None:
+        self.cfg = cfg
+        self.events = events
+        self.connected = False
+        self.conflict_until = 0.0
+        self.client = make_client(
+            f"edge-agent-{device_id}",
+            cfg.url,
+            username=cfg.username,
+            password_file=cfg.password_file,
+            ca_file=cfg.ca_file,
+            cert_file=cfg.cert_file,
+            key_file=cfg.key_file,
+            reconnect_min_s=cfg.reconnect_min_s,
+            reconnect_max_s=cfg.reconnect_max_s,
+        )
+        self.client.will_set(will_topic, will_payload, qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+
+    def start(self) -> None:
+        host, port = host_port(self.cfg.url)
+        # connect_async: robots boot offline; the loop keeps trying in the background.
+        self.client.connect_async(
+            host,
+            port,
+            keepalive=self.cfg.keepalive_s,
+            clean_start=False,
+            properties=session_properties(self.cfg.session_expiry_s),
+        )
+        self.client.loop_start()
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+        """Returns the message id, or None when not connected (the caller keeps the message)."""
+        if not self.connected:
+            return None
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return info.mid if info.rc == mqtt.MQTT_ERR_SUCCESS else None
+
+    def stop(self, topic: str, payload: bytes, timeout: float = 2.0) -> None:
+        """Clean stop: publish the retained offline status ourselves (no will is sent on a clean
+        disconnect), wait for it briefly, then disconnect."""
+        if self.connected:
+            info = self.client.publish(topic, payload, qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.warning("broker refused the connection: %s", rc)
+            return
+        self.connected = True
+        self.events.put(("mqtt-connected", bool(flags.session_present)))
+
+    def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.connected = False
+        jitter_backoff(client, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        if rc == SESSION_TAKEN_OVER:
+            # Another agent uses our device_id. Reconnecting at once would kick it off in turn,
+            # and the two would loop; back off for minutes and say so in the status.
+            self.conflict_until = time.time() + CONFLICT_BACKOFF_S
+            client.reconnect_delay_set(min_delay=int(CONFLICT_BACKOFF_S), max_delay=int(CONFLICT_BACKOFF_S))
+        self.events.put(("mqtt-disconnected", str(rc)))
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self.events.put(("mqtt-message", msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        self.events.put(("mqtt-published", mid))

@@ -1,0 +1,106 @@
+"""What `agent status` and the retained MQTT status topic say, built from the coordinator's state."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent import __version__
+from agent.protocol import now
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
+
+
+class StatusBuilder:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    def build(self) -> dict[str, Any]:
+        d = self.d
+        active = d.store.active()
+        rejected = d.store.last_rejected()
+        minute = d.recorder.last_minute()
+        conflict = d.link.conflict_until > time.time()
+        return {
+            "device_id": d.cfg.device_id,
+            "state": "stopping" if d.stopping else "running",
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - d.started_at, 1),
+            "agent_version": __version__,
+            "channel": d.cfg.channel,
+            "backend": d.backend.name,
+            "backend_version": d.backend.version(),
+            "broker": {
+                "url": d.cfg.mqtt.url,
+                "connected": d.link.connected,
+                "conflict": (
+                    "another agent connected with this device_id; backing off (give each robot its own device_id)"
+                )
+                if conflict
+                else None,
+            },
+            "active": None
+            if active is None
+            else {
+                "version": active.version,
+                "sha256": active.sha256,
+                "backend": d.backend.name,
+                "activated_at": active.activated_at,
+                "source": active.source,
+            },
+            "pending": self._pending(),
+            "last_rejected": None
+            if rejected is None
+            else {
+                "version": rejected.version,
+                "reason": rejected.reason,
+                "at": rejected.updated_at,
+            },
+            "latency_last_minute": {"count": minute.count, "p50_us": minute.p50_us, "p99_us": minute.p99_us},
+            "clients": d.server.clients,
+            "requests": d.server.requests,
+            "request_errors": d.server.errors,
+            "ignored_payloads": d.ignored_payloads,
+            "last_ignored_payload": d.last_ignored or None,
+            "outbox": d.store.outbox_size(),
+        }
+
+    def _pending(self) -> dict[str, Any] | None:
+        d = self.d
+        if d.working is None:
+            return None
+        rec = d.store.get(d.working.record_id)
+        done, total = d.progress.get(rec.id, (0, rec.manifest.size))
+        return {
+            "version": rec.version,
+            "stage": rec.state.value,
+            "reason": rec.reason,
+            "downloaded_bytes": done,
+            "total_bytes": total,
+            "queued": len(d.waiting),
+        }
+
+    def mqtt(self) -> dict[str, Any]:
+        s = self.build()
+        return {
+            "protocol": 1,
+            "type": "status",
+            "online": True,
+            "ts": now(),
+            **{
+                k: s[k]
+                for k in (
+                    "device_id",
+                    "agent_version",
+                    "channel",
+                    "backend",
+                    "backend_version",
+                    "active",
+                    "pending",
+                    "last_rejected",
+                    "uptime_s",
+                )
+            },
+        }

@@ -1,0 +1,246 @@
+"""The state dir: model records, their transitions, per-channel sequence marks and the event
+outbox, all in one SQLite database (each change is one transaction, so a crash at any moment
+leaves a state the next start recovers from). Files live beside it:
+
+    <state_dir>/agent.db
+    <state_dir>/models/<sha256>.onnx      (+ .part while downloading)
+    <state_dir>/engines/<engine key>      (+ .part while building)
+    <state_dir>/golden/<sha256>.npz
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.lifecycle import ModelState, check_transition
+from agent.protocol import Manifest
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  version TEXT NOT NULL, sha256 TEXT NOT NULL, channel TEXT NOT NULL, sequence INTEGER,
+  source TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+  manifest TEXT NOT NULL, engine_key TEXT, figures TEXT NOT NULL DEFAULT '{}',
+  created_at REAL NOT NULL, updated_at REAL NOT NULL, activated_at REAL);
+CREATE TABLE IF NOT EXISTS transitions (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, model_id INTEGER NOT NULL,
+  state TEXT NOT NULL, reason TEXT NOT NULL, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS marks (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL);
+"""
+
+
+@dataclass
+class ModelRecord:
+    id: int
+    version: str
+    sha256: str
+    channel: str
+    sequence: int | None
+    source: str
+    state: ModelState
+    reason: str
+    manifest: Manifest
+    engine_key: str | None
+    figures: dict[str, Any]
+    created_at: float
+    updated_at: float
+    activated_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "version": self.version,
+            "sha256": self.sha256,
+            "channel": self.channel,
+            "sequence": self.sequence,
+            "source": self.source,
+            "state": self.state.value,
+            "reason": self.reason,
+            "engine_key": self.engine_key,
+            "figures": self.figures,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "activated_at": self.activated_at,
+        }
+
+
+class Store:
+    """Used by one thread (the coordinator) for writes; readers open their own Store."""
+
+    def __init__(self, state_dir: Path, readonly: bool = False) -> None:
+        self.dir = state_dir
+        self.models_dir = state_dir / "models"
+        self.engines_dir = state_dir / "engines"
+        self.golden_dir = state_dir / "golden"
+        if readonly:
+            uri = f"file:{state_dir / 'agent.db'}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            return
+        for d in (self.models_dir, self.engines_dir, self.golden_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(state_dir / "agent.db", check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def model_path(self, sha256: str) -> Path:
+        return self.models_dir / f"{sha256}.onnx"
+
+    def engine_path(self, key: str) -> Path:
+        return self.engines_dir / key
+
+    def golden_path(self, sha256: str) -> Path:
+        return self.golden_dir / f"{sha256}.npz"
+
+    # -- records ------------------------------------------------------------------------------
+    def add(self, manifest: Manifest, channel: str, sequence: int | None, source: str, reason: str) -> ModelRecord:
+        t = time.time()
+        with self.db:
+            cur = self.db.execute(
+                "INSERT INTO models (version, sha256, channel, sequence, source, state, reason, manifest,"
+                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    manifest.version,
+                    manifest.sha256,
+                    channel,
+                    sequence,
+                    source,
+                    ModelState.ANNOUNCED.value,
+                    reason,
+                    json.dumps(manifest.to_json()),
+                    t,
+                    t,
+                ),
+            )
+            model_id = int(cur.lastrowid or 0)
+            self.db.execute(
+                "INSERT INTO transitions (model_id, state, reason, ts) VALUES (?,?,?,?)",
+                (model_id, ModelState.ANNOUNCED.value, reason, t),
+            )
+        return self.get(model_id)
+
+    def set_state(self, rec: ModelRecord, state: ModelState, reason: str, **figures: Any) -> ModelRecord:
+        check_transition(rec.state, state)
+        t = time.time()
+        merged = {**rec.figures, **figures}
+        activated = t if state is ModelState.ACTIVE else rec.activated_at
+        with self.db:
+            self.db.execute(
+                "UPDATE models SET state=?, reason=?, figures=?, updated_at=?, activated_at=? WHERE id=?",
+                (state.value, reason, json.dumps(merged), t, activated, rec.id),
+            )
+            self.db.execute(
+                "INSERT INTO transitions (model_id, state, reason, ts) VALUES (?,?,?,?)",
+                (rec.id, state.value, reason, t),
+            )
+        return self.get(rec.id)
+
+    def set_engine_key(self, rec: ModelRecord, key: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE models SET engine_key=? WHERE id=?", (key, rec.id))
+        rec.engine_key = key
+
+    def get(self, model_id: int) -> ModelRecord:
+        row = self.db.execute("SELECT * FROM models WHERE id=?", (model_id,)).fetchone()
+        if row is None:
+            raise KeyError(model_id)
+        return _record(row)
+
+    def history(self, limit: int = 100) -> list[ModelRecord]:
+        rows = self.db.execute("SELECT * FROM models ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_record(r) for r in rows]
+
+    def in_state(self, *states: ModelState) -> list[ModelRecord]:
+        marks = ",".join("?" * len(states))
+        rows = self.db.execute(
+            f"SELECT * FROM models WHERE state IN ({marks}) ORDER BY id", [s.value for s in states]
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def active(self) -> ModelRecord | None:
+        found = self.in_state(ModelState.ACTIVE)
+        return found[-1] if found else None
+
+    def last_rejected(self) -> ModelRecord | None:
+        found = self.in_state(ModelState.REJECTED)
+        return found[-1] if found else None
+
+    # -- marks (per-channel last handled sequence, ...) -----------------------------------------
+    def mark(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM marks WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_mark(self, key: str, value: Any) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO marks (key, value) VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    # -- outbox ----------------------------------------------------------------------------------
+    def outbox_put(self, topic: str, payload: bytes, max_rows: int) -> int:
+        """Queue a message; drops the oldest beyond `max_rows`. Returns how many were dropped."""
+        with self.db:
+            self.db.execute(
+                "INSERT INTO outbox (topic, payload, created) VALUES (?,?,?)", (topic, payload, time.time())
+            )
+            cur = self.db.execute("DELETE FROM outbox WHERE id <= (SELECT MAX(id) FROM outbox) - ?", (max_rows,))
+        return cur.rowcount
+
+    def outbox_peek(self, limit: int, exclude: set[int]) -> list[tuple[int, str, bytes]]:
+        rows = self.db.execute(
+            "SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit + len(exclude),)
+        ).fetchall()
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows if r[0] not in exclude][:limit]
+
+    def outbox_done(self, row_id: int) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+
+    def outbox_size(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
+def _record(row: tuple[Any, ...]) -> ModelRecord:
+    (
+        mid,
+        version,
+        sha,
+        channel,
+        seq,
+        source,
+        state,
+        reason,
+        manifest,
+        engine_key,
+        figures,
+        created,
+        updated,
+        activated,
+    ) = row
+    return ModelRecord(
+        mid,
+        version,
+        sha,
+        channel,
+        seq,
+        source,
+        ModelState(state),
+        reason,
+        Manifest.from_json(json.loads(manifest)),
+        engine_key,
+        json.loads(figures),
+        created,
+        updated,
+        activated,
+    )

@@ -1,0 +1,1 @@
+"""edge-agent's cloud side (console script `fleet`): publish models, collect what devices report."""

@@ -1,0 +1,62 @@
+"""`fleet`'s typed TOML config. Credentials are not here: boto3's standard chain supplies them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.config import check_mqtt_url
+from agent.errors import ConfigError
+from agent.protocol import DEFAULT_TOPIC_PREFIX
+from agent.tomlconf import build, read_toml
+
+DEFAULT_PATH = Path("fleet.toml")
+
+
+@dataclass
+class FleetMqtt:
+    url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    client_id: str = "fleet-collector"
+    session_expiry_s: int = 7 * 24 * 3600
+    keepalive_s: int = 30
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def check(self) -> None:
+        check_mqtt_url(self.url, "mqtt.url")
+
+
+@dataclass
+class FleetS3:
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+    def check(self) -> None:
+        if not self.bucket:
+            raise ConfigError("s3.bucket: must not be empty")
+
+
+@dataclass
+class FleetCollector:
+    db: Path = Path("fleet.db")
+
+
+@dataclass
+class FleetConfig:
+    s3: FleetS3
+    mqtt: FleetMqtt = field(default_factory=FleetMqtt)
+    collector: FleetCollector = field(default_factory=FleetCollector)
+
+
+def config_path(cli_value: str | None) -> Path:
+    return Path(cli_value or os.environ.get("FLEET_CONFIG") or DEFAULT_PATH)
+
+
+def load(path: Path) -> FleetConfig:
+    return build(FleetConfig, read_toml(path), "")

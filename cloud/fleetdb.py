@@ -1,0 +1,111 @@
+"""The collector's SQLite store: device status, lifecycle events, latency telemetry."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+  device_id TEXT PRIMARY KEY, online INTEGER NOT NULL DEFAULT 0, status TEXT NOT NULL DEFAULT '{}',
+  telemetry TEXT NOT NULL DEFAULT '{}', last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+  id TEXT PRIMARY KEY, device_id TEXT NOT NULL, kind TEXT NOT NULL, ts REAL NOT NULL,
+  received REAL NOT NULL, payload TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_by_device ON events (device_id, ts);
+CREATE TABLE IF NOT EXISTS telemetry (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, ts REAL NOT NULL, payload TEXT NOT NULL);
+"""
+
+
+class FleetDB:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _touch(self, device_id: str) -> None:
+        self.db.execute(
+            "INSERT INTO devices (device_id, last_seen) VALUES (?, ?) ON CONFLICT(device_id)"
+            " DO UPDATE SET last_seen=excluded.last_seen",
+            (device_id, time.time()),
+        )
+
+    def put_status(self, device_id: str, status: dict[str, Any]) -> None:
+        with self.db:
+            self._touch(device_id)
+            row = self.db.execute("SELECT status FROM devices WHERE device_id=?", (device_id,)).fetchone()
+            merged = json.loads(row[0]) if row else {}
+            merged.update(status)  # an "offline" status keeps what the device said before it left
+            self.db.execute(
+                "UPDATE devices SET online=?, status=? WHERE device_id=?",
+                (1 if status.get("online") else 0, json.dumps(merged), device_id),
+            )
+
+    def put_event(self, device_id: str, event: dict[str, Any]) -> bool:
+        """False for a duplicate (QoS 1 may deliver twice; events carry a unique id)."""
+        with self.db:
+            self._touch(device_id)
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO events (id, device_id, kind, ts, received, payload) VALUES (?,?,?,?,?,?)",
+                (
+                    str(event["id"]),
+                    device_id,
+                    str(event.get("kind", "")),
+                    float(event.get("ts", 0)),
+                    time.time(),
+                    json.dumps(event),
+                ),
+            )
+        return cur.rowcount == 1
+
+    def put_telemetry(self, device_id: str, report: dict[str, Any]) -> None:
+        with self.db:
+            self._touch(device_id)
+            self.db.execute(
+                "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?)",
+                (device_id, float(report.get("ts", 0)), json.dumps(report)),
+            )
+            self.db.execute("UPDATE devices SET telemetry=? WHERE device_id=?", (json.dumps(report), device_id))
+
+    def devices(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT device_id, online, status, telemetry, last_seen FROM devices ORDER BY device_id"
+        ).fetchall()
+        return [_device_row(*r) for r in rows]
+
+    def events(self, device_id: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        q = "SELECT payload, received FROM events"
+        args: list[Any] = []
+        if device_id:
+            q += " WHERE device_id=?"
+            args.append(device_id)
+        q += " ORDER BY ts DESC LIMIT ?"
+        args.append(limit)
+        rows = self.db.execute(q, args).fetchall()
+        return [{**json.loads(p), "received": r} for p, r in reversed(rows)]
+
+
+def _device_row(device_id: str, online: int, status: str, telemetry: str, last_seen: float) -> dict[str, Any]:
+    s, t = json.loads(status), json.loads(telemetry)
+    active = s.get("active") or {}
+    return {
+        "device_id": device_id,
+        "online": bool(online),
+        "channel": s.get("channel"),
+        "active_version": active.get("version"),
+        "backend": s.get("backend"),
+        "backend_version": s.get("backend_version"),
+        "agent_version": s.get("agent_version"),
+        "latency_p50_us": t.get("p50_us"),
+        "latency_p99_us": t.get("p99_us"),
+        "latency_count": t.get("count"),
+        "last_seen": last_seen,
+    }

@@ -1,0 +1,154 @@
+"""`fleet publish`: check the ONNX, upload it content-addressed, write the manifest, announce.
+
+S3 layout (one bucket):
+    models/<sha256>.onnx                    the model bytes
+    golden/<sha256>.npz                     golden I/O for that model, when given
+    manifests/<channel>/<version>.json      the manifest
+    channels/<channel>/latest.json          the last announcement (its sequence is the floor
+                                            for the next one)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from botocore.exceptions import ClientError
+
+from agent.errors import AgentError, RejectedModel
+from agent.fetch import s3_client, sha256_file
+from agent.mqtt import host_port, make_client
+from agent.onnxinfo import check_onnx, signature
+from agent.protocol import Announcement, Manifest, ObjectRef, Topics, encode
+from cloud.config import FleetConfig
+
+
+class PublishError(AgentError):
+    pass
+
+
+def publish(
+    cfg: FleetConfig,
+    model: Path,
+    channel: str,
+    version: str | None,
+    golden: Path | None,
+    extra: dict[str, Any] | None = None,
+) -> Announcement:
+    try:
+        proto = check_onnx(model)
+    except RejectedModel as err:
+        raise PublishError(f"{model}: {err.reason}") from err
+    inputs, outputs = signature(proto)
+    if golden is not None:
+        check_golden_file(golden, [s.name for s in inputs], [s.name for s in outputs])
+    s3 = s3_client(cfg.s3.endpoint_url, cfg.s3.region)
+    sha = sha256_file(model).hexdigest()
+    size = model.stat().st_size
+    bucket = cfg.s3.bucket
+    model_ref = ObjectRef(bucket, f"models/{sha}.onnx")
+    _upload(s3, model, model_ref)
+    golden_ref, golden_sha, golden_size = None, None, None
+    if golden is not None:
+        golden_ref = ObjectRef(bucket, f"golden/{sha}.npz")
+        golden_sha, golden_size = sha256_file(golden).hexdigest(), golden.stat().st_size
+        _upload(s3, golden, golden_ref)
+    created = time.time()
+    manifest = Manifest(
+        version=version or time.strftime("%Y%m%d-%H%M%S", time.gmtime(created)),
+        sha256=sha,
+        size=size,
+        model=model_ref,
+        inputs=inputs,
+        outputs=outputs,
+        created_at=created,
+        golden=golden_ref,
+        golden_sha256=golden_sha,
+        golden_size=golden_size,
+        extra=extra or {},
+    )
+    s3.put_object(
+        Bucket=bucket,
+        Key=f"manifests/{channel}/{manifest.version}.json",
+        Body=json.dumps(manifest.to_json(), indent=2).encode(),
+        ContentType="application/json",
+    )
+    return announce(cfg, s3, channel, manifest)
+
+
+def announce(cfg: FleetConfig, s3: Any, channel: str, manifest: Manifest) -> Announcement:
+    """Sequence = max(last + 1, now in ms): grows even if the channel record were lost."""
+    latest_key = f"channels/{channel}/latest.json"
+    last = _read_json(s3, cfg.s3.bucket, latest_key)
+    last_seq = int(last["sequence"]) if last else -1
+    ann = Announcement(
+        channel=channel, sequence=max(last_seq + 1, int(time.time() * 1000)), issued_at=time.time(), manifest=manifest
+    )
+    payload = encode(ann.to_json())
+    s3.put_object(Bucket=cfg.s3.bucket, Key=latest_key, Body=payload, ContentType="application/json")
+    send_retained(cfg, Topics(cfg.mqtt.topic_prefix).announce(channel), payload)
+    return ann
+
+
+def send_retained(cfg: FleetConfig, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+    m = cfg.mqtt
+    client = make_client(
+        f"fleet-publish-{hashlib.sha256(topic.encode()).hexdigest()[:8]}-{time.time_ns()}",
+        m.url,
+        username=m.username,
+        password_file=m.password_file,
+        ca_file=m.ca_file,
+        cert_file=m.cert_file,
+        key_file=m.key_file,
+    )
+    host, port = host_port(m.url)
+    try:
+        client.connect(host, port, keepalive=m.keepalive_s)
+    except OSError as err:
+        raise PublishError(f"cannot reach the broker at {m.url}: {err}") from err
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise PublishError(f"the broker did not acknowledge the announcement within {timeout:.0f} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def check_golden_file(path: Path, inputs: list[str], outputs: list[str]) -> None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            lengths = {len(z[n]) for n in names}
+    except Exception as err:
+        raise PublishError(f"{path}: not a readable .npz: {err}") from err
+    want = [f"inputs/{n}" for n in inputs] + [f"outputs/{n}" for n in outputs]
+    missing = [n for n in want if n not in names]
+    if missing:
+        raise PublishError(f"{path}: golden file lacks {', '.join(missing)} (see README, Golden I/O)")
+    if len(lengths) != 1:
+        raise PublishError(f"{path}: every golden array needs the same number of samples (first axis)")
+
+
+def _upload(s3: Any, path: Path, ref: ObjectRef) -> None:
+    try:
+        s3.upload_file(str(path), ref.bucket, ref.key)
+    except (ClientError, OSError) as err:
+        raise PublishError(f"upload to s3://{ref.bucket}/{ref.key} failed: {err}") from err
+
+
+def _read_json(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise PublishError(f"s3://{bucket}/{key}: {err}") from err
+    result: dict[str, Any] = json.loads(body)
+    return result
