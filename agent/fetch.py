@@ -59,12 +59,14 @@ def fetch(
     """Download `ref` to `dest`, verified against `sha256` and `size`. Raises FetchError."""
     if dest.exists() and sha256_file(dest).hexdigest() == sha256:
         return
-    etag = _head(s3, ref, size)
     part, etag_file = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.etag")
+    _check_disk(dest.parent, size - (part.stat().st_size if part.exists() else 0), reserve_bytes)
+    etag = _head(s3, ref, size)
     if not etag_file.exists() or etag_file.read_text() != etag:
         part.unlink(missing_ok=True)  # no record of its source, or the object changed: start over
         etag_file.write_text(etag)
-    _check_disk(dest.parent, size - (part.stat().st_size if part.exists() else 0), reserve_bytes)
+    elif part.exists():
+        log.info("resuming s3://%s/%s from byte %d of %d", ref.bucket, ref.key, part.stat().st_size, size)
     hasher = hashlib.sha256()
     for attempt in range(1, ATTEMPTS + 1):
         try:
