@@ -36,7 +36,7 @@ def build(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]!r} (known: {', '.join(sorted(fields))})")
+        raise ConfigError(f"unknown key '{where}{unknown[0]}' (known: {', '.join(sorted(fields))})")
     values = {name: _coerce(hints[name], data[name], f"{where}{name}") for name in fields if name in data}
     try:
         obj = cls(**values)

@@ -13,14 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
+from tests.models import mlp  # noqa: F401  (re-exported for the tests)
 from tests.services import (
-    MotoS3,
     Mosquitto,
+    MotoS3,
     bin_path,
     s3_env,
     stop,
@@ -59,42 +57,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
     server.start()
     yield server
     server.stop()
-
-
-def mlp(path: Path, dims: tuple[int, ...] = (48, 512, 256, 128, 12), seed: int = 0, nan: bool = False,
-        in_name: str = "obs", out_name: str = "actions", pad_bytes: int = 0) -> Path:
-    """A Go2-sized policy MLP (ELU) as ONNX. `nan` poisons a bias; `pad_bytes` adds an unused
-    initializer to make a large file."""
-    rng = np.random.default_rng(seed)
-    nodes, inits, x = [], [], in_name
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
-        bias = np.zeros(b, np.float32)
-        if nan and i == len(dims) - 2:
-            bias[0] = np.nan
-        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
-        y = out_name if i == len(dims) - 2 else f"h{i}"
-        mm = f"mm{i}"
-        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [mm]))
-        if i == len(dims) - 2:
-            nodes.append(helper.make_node("Add", [mm, f"b{i}"], [y]))
-        else:
-            nodes.append(helper.make_node("Add", [mm, f"b{i}"], [f"a{i}"]))
-            nodes.append(helper.make_node("Elu", [f"a{i}"], [y]))
-        x = y
-    if pad_bytes:
-        inits.append(numpy_helper.from_array(rng.standard_normal(pad_bytes // 4).astype(np.float32), "pad"))
-    graph = helper.make_graph(
-        nodes, "policy",
-        [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, [1, dims[0]])],
-        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [1, dims[-1]])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
 
 
 class Fleet:

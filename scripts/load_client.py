@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""A controller-shaped client: calls the agent at a fixed rate and writes what it saw as JSON.
+
+    python scripts/load_client.py --socket /run/edge-agent/infer.sock --hz 500 --out result.json
+
+Runs until --seconds pass or SIGTERM/SIGINT. Every failed call is counted with its error; a "miss"
+is a round trip over --deadline-ms. Used by the tests, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from agent.client import InferenceError, Policy
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--socket", required=True)
+    p.add_argument("--hz", type=float, default=500.0)
+    p.add_argument("--seconds", type=float, default=3600.0)
+    p.add_argument("--deadline-ms", type=float, default=2.0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    result = run(args.socket, args.hz, args.seconds, args.deadline_ms / 1000, stop)
+    tmp = args.out.with_suffix(".part")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.rename(args.out)
+    return 0
+
+
+def run(socket_path: str, hz: float, seconds: float, deadline_s: float, stop: dict[str, bool]) -> dict[str, object]:
+    policy = Policy(socket_path)
+    spec = policy.info()["inputs"][0]
+    shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+    obs = np.random.default_rng(0).standard_normal(shape).astype(spec["dtype"])
+    period = 1.0 / hz
+    rtts: list[float] = []
+    done_at: list[float] = []
+    failures: Counter[str] = Counter()
+    versions: Counter[str] = Counter()
+    start = next_t = time.perf_counter()
+    while not stop["now"] and time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        try:
+            policy.infer({spec["name"]: obs})
+            t1 = time.perf_counter()
+            rtts.append(t1 - t0)
+            done_at.append(t1)
+            versions[policy.model_version] += 1
+        except (InferenceError, OSError) as err:
+            failures[f"{type(err).__name__}: {err}"] += 1
+        next_t += period
+        delay = next_t - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            next_t = time.perf_counter()  # fell behind: don't burst to catch up
+    return summarize(rtts, done_at, failures, versions, time.perf_counter() - start, deadline_s)
+
+
+def summarize(rtts: list[float], done_at: list[float], failures: Counter[str], versions: Counter[str],
+              elapsed: float, deadline_s: float) -> dict[str, object]:
+    r = np.array(rtts) * 1e6 if rtts else np.zeros(1)
+    gaps = np.diff(np.array(done_at)) * 1e3 if len(done_at) > 1 else np.zeros(1)
+    return {
+        "calls": len(rtts) + sum(failures.values()),
+        "ok": len(rtts),
+        "failed": sum(failures.values()),
+        "failures": dict(failures.most_common(10)),
+        "versions": dict(versions),
+        "rate_hz": round(len(rtts) / elapsed, 1) if elapsed else 0.0,
+        "p50_us": round(float(np.percentile(r, 50)), 1),
+        "p99_us": round(float(np.percentile(r, 99)), 1),
+        "max_us": round(float(r.max()), 1),
+        "misses": int((r > deadline_s * 1e6).sum()),
+        "max_gap_ms": round(float(gaps.max()), 3),
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The whole loop on real services: fleet publish -> MQTT -> S3 -> verified download -> engine ->
+hot swap -> served inference -> events and latency back to the cloud."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Fleet, mlp, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def start_load(fleet: Fleet, cfg: Path, hz: int = 250) -> tuple[subprocess.Popen[bytes], Path]:
+    out = cfg.parent / f"load-{time.monotonic_ns()}.json"
+    p = fleet.spawn([sys.executable, str(ROOT / "scripts" / "load_client.py"), "--socket",
+                     str(cfg.parent / "run" / "infer.sock"), "--hz", str(hz), "--out", str(out)],
+                    cfg.parent / "load.log")
+    return p, out
+
+
+def stop_load(p: subprocess.Popen[bytes], out: Path) -> dict[str, object]:
+    p.send_signal(signal.SIGTERM)
+    p.wait(30)
+    result: dict[str, object] = json.loads(out.read_text())
+    return result
+
+
+def test_publish_swap_under_load_then_restart_without_download(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.start_collector()
+    cfg = fleet.agent_config("go2-01")
+    agent = fleet.start_agent(cfg)
+    v1, v2 = mlp(tmp_path / "v1.onnx", seed=1), mlp(tmp_path / "v2.onnx", seed=2)
+
+    fleet.publish(v1, "v1")
+    fleet.wait_active(cfg, "v1")
+    load, out = start_load(fleet, cfg, hz=250)
+    time.sleep(1.0)
+    fleet.publish(v2, "v2")
+    fleet.wait_active(cfg, "v2")
+    time.sleep(1.0)
+    seen = stop_load(load, out)
+
+    assert seen["failed"] == 0, seen["failures"]
+    assert seen["rate_hz"] >= 200, seen
+    assert set(seen["versions"]) == {"v1", "v2"}, seen["versions"]  # type: ignore[arg-type]
+
+    # The cloud sees the device, what it runs and how fast.
+    row = wait_for(lambda: next((r for r in json.loads(fleet.fleet("status", "--json").stdout)
+                                 if r["active_version"] == "v2" and r["latency_count"]), None), 20, "fleet status")
+    assert row["online"] is True and row["device_id"] == "go2-01"
+    assert row["backend"] == "onnxruntime" and row["latency_p50_us"] > 0 and row["latency_p99_us"] >= row["latency_p50_us"]
+    states = [(e["version"], e["state"]) for e in fleet.events("go2-01") if e["kind"] == "model_state"]
+    for stage in ("announced", "downloading", "verified", "building", "validating", "staged", "active"):
+        assert ("v2", stage) in states
+    assert ("v1", "retired") in states
+
+    # A clean stop shows offline; a restart brings v2 back without a download or a build.
+    history_before = json.loads(fleet.agent(cfg, "models", "--json").stdout)
+    fleet.procs.remove(agent)
+    assert agent.send_signal(signal.SIGTERM) is None and agent.wait(20) == 0
+    wait_for(lambda: not json.loads(fleet.fleet("status", "--json").stdout)[0]["online"], 20, "offline in fleet status")
+    r = fleet.agent(cfg, "status", check=False)
+    assert r.returncode == 3 and "not running" in r.stdout
+
+    fleet.start_agent(cfg)
+    status = fleet.wait_active(cfg, "v2", timeout=10)
+    assert status["pending"] is None
+    history_after = json.loads(fleet.agent(cfg, "models", "--json").stdout)
+    assert [(m["version"], m["state"], m["updated_at"]) for m in history_after] == \
+        [(m["version"], m["state"], m["updated_at"]) for m in history_before]
+    log = (cfg.parent / "agent.log").read_text()
+    assert log.count("-> downloading") == 2 and "restored active model v2" in log
+
+
+def test_agent_status_human_output(fleet: Fleet, tmp_path: Path) -> None:
+    cfg = fleet.agent_config("go2-02")
+    fleet.start_agent(cfg)
+    fleet.publish(mlp(tmp_path / "m.onnx"), "v1")
+    fleet.wait_active(cfg, "v1")
+    text = fleet.agent(cfg, "status").stdout
+    assert "go2-02: running" in text and "active    v1" in text and "broker    connected" in text
