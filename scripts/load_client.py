@@ -68,8 +68,14 @@ def run(socket_path: str, hz: float, seconds: float, deadline_s: float, stop: di
     return summarize(rtts, done_at, failures, versions, time.perf_counter() - start, deadline_s)
 
 
-def summarize(rtts: list[float], done_at: list[float], failures: Counter[str], versions: Counter[str],
-              elapsed: float, deadline_s: float) -> dict[str, object]:
+def summarize(
+    rtts: list[float],
+    done_at: list[float],
+    failures: Counter[str],
+    versions: Counter[str],
+    elapsed: float,
+    deadline_s: float,
+) -> dict[str, object]:
     r = np.array(rtts) * 1e6 if rtts else np.zeros(1)
     gaps = np.diff(np.array(done_at)) * 1e3 if len(done_at) > 1 else np.zeros(1)
     return {

@@ -71,17 +71,32 @@ class Fleet:
         self.channel = "walk"
         self.bucket = f"models-{tag}"
         s3.client().create_bucket(Bucket=self.bucket)
-        self.fleet_cfg = write_fleet_config(root / "fleet.toml", broker=broker.url, s3=s3.url, bucket=self.bucket,
-                                            prefix=self.prefix, db=root / "fleet.db", client_id=f"collector-{tag}")
+        self.fleet_cfg = write_fleet_config(
+            root / "fleet.toml",
+            broker=broker.url,
+            s3=s3.url,
+            bucket=self.bucket,
+            prefix=self.prefix,
+            db=root / "fleet.db",
+            client_id=f"collector-{tag}",
+        )
         self.procs: list[subprocess.Popen[bytes]] = []
         self.collector: subprocess.Popen[bytes] | None = None
 
     def agent_config(self, device_id: str = "go2-01", extra: str = "") -> Path:
         d = self.root / device_id
         d.mkdir(exist_ok=True)
-        return write_agent_config(d / "agent.toml", broker=self.broker.url, s3=self.s3.url, state_dir=d / "state",
-                                  socket_path=d / "run" / "infer.sock", channel=self.channel,
-                                  device_id=device_id, prefix=self.prefix, extra=extra)
+        return write_agent_config(
+            d / "agent.toml",
+            broker=self.broker.url,
+            s3=self.s3.url,
+            state_dir=d / "state",
+            socket_path=d / "run" / "infer.sock",
+            channel=self.channel,
+            device_id=device_id,
+            prefix=self.prefix,
+            extra=extra,
+        )
 
     def spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
@@ -90,8 +105,9 @@ class Fleet:
         return p
 
     def start_collector(self) -> subprocess.Popen[bytes]:
-        self.collector = self.spawn([bin_path("fleet"), "--config", str(self.fleet_cfg), "collect"],
-                                    self.root / "collector.log")
+        self.collector = self.spawn(
+            [bin_path("fleet"), "--config", str(self.fleet_cfg), "collect"], self.root / "collector.log"
+        )
         return self.collector
 
     def start_agent(self, cfg: Path) -> subprocess.Popen[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +10,20 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def mlp(path: Path, dims: tuple[int, ...] = (48, 512, 256, 128, 12), seed: int = 0, nan: bool = False,
-        in_name: str = "obs", out_name: str = "actions", pad_bytes: int = 0) -> Path:
+def mlp(
+    path: Path,
+    dims: tuple[int, ...] = (48, 512, 256, 128, 12),
+    seed: int = 0,
+    nan: bool = False,
+    in_name: str = "obs",
+    out_name: str = "actions",
+    pad_bytes: int = 0,
+) -> Path:
     """A Go2-sized policy MLP (ELU) as ONNX. `nan` poisons a bias; `pad_bytes` adds an unused
     initializer to make a large file."""
     rng = np.random.default_rng(seed)
     nodes, inits, x = [], [], in_name
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
         bias = np.zeros(b, np.float32)
         if nan and i == len(dims) - 2:
@@ -33,7 +41,8 @@ def mlp(path: Path, dims: tuple[int, ...] = (48, 512, 256, 128, 12), seed: int =
     if pad_bytes:
         inits.append(numpy_helper.from_array(rng.standard_normal(pad_bytes // 4).astype(np.float32), "pad"))
     graph = helper.make_graph(
-        nodes, "policy",
+        nodes,
+        "policy",
         [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, [1, dims[0]])],
         [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [1, dims[-1]])],
         inits,

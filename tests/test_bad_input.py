@@ -33,8 +33,14 @@ def upload(fleet: Fleet, key: str, data: bytes) -> dict[str, str]:
 def rejected_everywhere(fleet: Fleet, cfg: Path, version: str, words: str) -> None:
     reason = fleet.wait_rejected(cfg, version)
     assert words in reason, reason
-    wait_for(lambda: any(e.get("version") == version and e.get("state") == "rejected" and words in e["reason"]
-                         for e in fleet.events("go2-bad")), 20, f"{version} rejected in fleet events")
+    wait_for(
+        lambda: any(
+            e.get("version") == version and e.get("state") == "rejected" and words in e["reason"]
+            for e in fleet.events("go2-bad")
+        ),
+        20,
+        f"{version} rejected in fleet events",
+    )
 
 
 def test_each_bad_input_is_rejected_and_v2_keeps_serving(fleet: Fleet, tmp_path: Path) -> None:
@@ -57,9 +63,16 @@ def test_each_bad_input_is_rejected_and_v2_keeps_serving(fleet: Fleet, tmp_path:
     wait_for(lambda: any(e["kind"] == "payload_ignored" for e in fleet.events("go2-bad")), 20, "payload event")
 
     # An announcement older than the last handled one.
-    old = Announcement.from_json({"protocol": 1, "type": "announcement", "channel": fleet.channel,
-                                  "sequence": v1["sequence"], "issued_at": 0,
-                                  "manifest": {**base, "version": "replayed"}})
+    old = Announcement.from_json(
+        {
+            "protocol": 1,
+            "type": "announcement",
+            "channel": fleet.channel,
+            "sequence": v1["sequence"],
+            "issued_at": 0,
+            "manifest": {**base, "version": "replayed"},
+        }
+    )
     send_retained(fleet_config.load(fleet.fleet_cfg), topic, encode(old.to_json()))
     rejected_everywhere(fleet, cfg, "replayed", "stale announcement")
 
@@ -73,8 +86,14 @@ def test_each_bad_input_is_rejected_and_v2_keeps_serving(fleet: Fleet, tmp_path:
     v3_sha = hashlib.sha256(v3).hexdigest()
     crafted(fleet, base, version="missing", sha256=v3_sha, model={"bucket": fleet.bucket, "key": "models/nope.onnx"})
     rejected_everywhere(fleet, cfg, "missing", "does not exist")
-    crafted(fleet, base, version="truncated", sha256=v3_sha, size=len(v3),
-            model=upload(fleet, "models/trunc.onnx", v3[: len(v3) // 2]))
+    crafted(
+        fleet,
+        base,
+        version="truncated",
+        sha256=v3_sha,
+        size=len(v3),
+        model=upload(fleet, "models/trunc.onnx", v3[: len(v3) // 2]),
+    )
     rejected_everywhere(fleet, cfg, "truncated", "the manifest says")
 
     # Not enough disk for what the manifest announces.
@@ -83,8 +102,14 @@ def test_each_bad_input_is_rejected_and_v2_keeps_serving(fleet: Fleet, tmp_path:
 
     # Bytes that match their manifest but are no ONNX model.
     junk = b"\x08\x07garbage" * 1000
-    crafted(fleet, base, version="junk", sha256=hashlib.sha256(junk).hexdigest(), size=len(junk),
-            model=upload(fleet, "models/junk.onnx", junk))
+    crafted(
+        fleet,
+        base,
+        version="junk",
+        sha256=hashlib.sha256(junk).hexdigest(),
+        size=len(junk),
+        model=upload(fleet, "models/junk.onnx", junk),
+    )
     rejected_everywhere(fleet, cfg, "junk", "not a valid ONNX model")
 
     # A model whose I/O signature differs from the active one; one that returns NaN.

@@ -20,9 +20,19 @@ pytestmark = pytest.mark.integration
 
 def start_load(fleet: Fleet, cfg: Path, hz: int = 250) -> tuple[subprocess.Popen[bytes], Path]:
     out = cfg.parent / f"load-{time.monotonic_ns()}.json"
-    p = fleet.spawn([sys.executable, str(ROOT / "scripts" / "load_client.py"), "--socket",
-                     str(cfg.parent / "run" / "infer.sock"), "--hz", str(hz), "--out", str(out)],
-                    cfg.parent / "load.log")
+    p = fleet.spawn(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "load_client.py"),
+            "--socket",
+            str(cfg.parent / "run" / "infer.sock"),
+            "--hz",
+            str(hz),
+            "--out",
+            str(out),
+        ],
+        cfg.parent / "load.log",
+    )
     return p, out
 
 
@@ -53,10 +63,22 @@ def test_publish_swap_under_load_then_restart_without_download(fleet: Fleet, tmp
     assert set(seen["versions"]) == {"v1", "v2"}, seen["versions"]  # type: ignore[arg-type]
 
     # The cloud sees the device, what it runs and how fast.
-    row = wait_for(lambda: next((r for r in json.loads(fleet.fleet("status", "--json").stdout)
-                                 if r["active_version"] == "v2" and r["latency_count"]), None), 20, "fleet status")
+    row = wait_for(
+        lambda: next(
+            (
+                r
+                for r in json.loads(fleet.fleet("status", "--json").stdout)
+                if r["active_version"] == "v2" and r["latency_count"]
+            ),
+            None,
+        ),
+        20,
+        "fleet status",
+    )
     assert row["online"] is True and row["device_id"] == "go2-01"
-    assert row["backend"] == "onnxruntime" and row["latency_p50_us"] > 0 and row["latency_p99_us"] >= row["latency_p50_us"]
+    assert (
+        row["backend"] == "onnxruntime" and row["latency_p50_us"] > 0 and row["latency_p99_us"] >= row["latency_p50_us"]
+    )
     states = [(e["version"], e["state"]) for e in fleet.events("go2-01") if e["kind"] == "model_state"]
     for stage in ("announced", "downloading", "verified", "building", "validating", "staged", "active"):
         assert ("v2", stage) in states
@@ -74,8 +96,9 @@ def test_publish_swap_under_load_then_restart_without_download(fleet: Fleet, tmp
     status = fleet.wait_active(cfg, "v2", timeout=10)
     assert status["pending"] is None
     history_after = json.loads(fleet.agent(cfg, "models", "--json").stdout)
-    assert [(m["version"], m["state"], m["updated_at"]) for m in history_after] == \
-        [(m["version"], m["state"], m["updated_at"]) for m in history_before]
+    assert [(m["version"], m["state"], m["updated_at"]) for m in history_after] == [
+        (m["version"], m["state"], m["updated_at"]) for m in history_before
+    ]
     log = (cfg.parent / "agent.log").read_text()
     assert log.count("-> downloading") == 2 and "restored active model v2" in log
 

@@ -31,8 +31,16 @@ def put(s3: MotoS3, bucket: str, data: bytes) -> ObjectRef:
 
 def get(s3: MotoS3, ref: ObjectRef, dest: Path, data: bytes, sha: str | None = None) -> list[int]:
     seen: list[int] = []
-    fetch(s3_client(s3.url, "us-east-1"), ref, dest, sha or hashlib.sha256(data).hexdigest(), len(data), 0,
-          lambda done, _t: seen.append(done), threading.Event())
+    fetch(
+        s3_client(s3.url, "us-east-1"),
+        ref,
+        dest,
+        sha or hashlib.sha256(data).hexdigest(),
+        len(data),
+        0,
+        lambda done, _t: seen.append(done),
+        threading.Event(),
+    )
     return seen
 
 
@@ -74,5 +82,13 @@ def test_hash_mismatch_leaves_nothing(s3: MotoS3, bucket: str, tmp_path: Path) -
 
 def test_disk_reserve(s3: MotoS3, bucket: str, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="not enough disk"):
-        fetch(s3_client(s3.url, "us-east-1"), put(s3, bucket, DATA), tmp_path / "m.onnx", "0" * 64, len(DATA),
-              2**62, lambda *_: None, threading.Event())
+        fetch(
+            s3_client(s3.url, "us-east-1"),
+            put(s3, bucket, DATA),
+            tmp_path / "m.onnx",
+            "0" * 64,
+            len(DATA),
+            2**62,
+            lambda *_: None,
+            threading.Event(),
+        )

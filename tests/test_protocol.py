@@ -13,9 +13,15 @@ SHA = "ab" * 32
 
 
 def manifest(**kw: object) -> Manifest:
-    base = dict(version="v1", sha256=SHA, size=10, model=ObjectRef("b", "models/x.onnx"),
-                inputs=[TensorSpec("obs", "float32", (1, 48))], outputs=[TensorSpec("actions", "float32", (1, 12))],
-                created_at=1.0)
+    base = dict(
+        version="v1",
+        sha256=SHA,
+        size=10,
+        model=ObjectRef("b", "models/x.onnx"),
+        inputs=[TensorSpec("obs", "float32", (1, 48))],
+        outputs=[TensorSpec("actions", "float32", (1, 12))],
+        created_at=1.0,
+    )
     base.update(kw)
     return Manifest(**base)  # type: ignore[arg-type]
 
@@ -42,8 +48,12 @@ def test_foreign_payloads_are_protocol_errors(payload: bytes, words: str) -> Non
 
 @pytest.mark.parametrize(
     ("change", "words"),
-    [({"sha256": "xyz"}, "sha256"), ({"size": -1}, "size"), ({"inputs": []}, "inputs"),
-     ({"inputs": [{"name": "x", "dtype": "complex64", "shape": [1]}]}, "dtype")],
+    [
+        ({"sha256": "xyz"}, "sha256"),
+        ({"size": -1}, "size"),
+        ({"inputs": []}, "inputs"),
+        ({"inputs": [{"name": "x", "dtype": "complex64", "shape": [1]}]}, "dtype"),
+    ],
 )
 def test_bad_manifests(change: dict[str, object], words: str) -> None:
     with pytest.raises(ProtocolError, match=words):

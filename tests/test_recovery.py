@@ -72,8 +72,13 @@ def test_events_made_while_the_broker_is_down_arrive_after_it_returns(
         assert not any(e.get("version") == "offline-v2" for e in fleet.events("go2-outage"))
 
         own_broker.start()
-        wait_for(lambda: any(e.get("version") == "offline-v2" and e.get("state") == "active"
-                             for e in fleet.events("go2-outage")), 60, "the offline events in fleet events")
+        wait_for(
+            lambda: any(
+                e.get("version") == "offline-v2" and e.get("state") == "active" for e in fleet.events("go2-outage")
+            ),
+            60,
+            "the offline events in fleet events",
+        )
         states = [e["state"] for e in fleet.events("go2-outage") if e.get("version") == "offline-v2"]
         assert states == ["announced", "verified", "building", "validating", "staged", "active"]
         assert all(e["source"] == "local" for e in fleet.events("go2-outage") if e.get("version") == "offline-v2")

@@ -12,8 +12,14 @@ from tests.test_protocol import manifest
 def test_transitions_are_recorded_and_checked(tmp_path: Path) -> None:
     store = Store(tmp_path)
     rec = store.add(manifest(), "walk", 3, "channel", "announced")
-    for state in (ModelState.DOWNLOADING, ModelState.VERIFIED, ModelState.BUILDING, ModelState.VALIDATING,
-                  ModelState.STAGED, ModelState.ACTIVE):
+    for state in (
+        ModelState.DOWNLOADING,
+        ModelState.VERIFIED,
+        ModelState.BUILDING,
+        ModelState.VALIDATING,
+        ModelState.STAGED,
+        ModelState.ACTIVE,
+    ):
         rec = store.set_state(rec, state, f"to {state.value}", step=state.value)
     assert store.active() == rec and rec.activated_at is not None and rec.figures["step"] == "active"
     with pytest.raises(IllegalTransition):
