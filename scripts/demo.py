@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.models import mlp  # noqa: E402
 from tests.services import (  # noqa: E402
-    MotoS3,
     Mosquitto,
+    MotoS3,
     bin_path,
     s3_env,
     stop,
@@ -73,11 +73,20 @@ def main() -> int:
         os.environ.update(s3_env())
         s3.client().create_bucket(Bucket="models")
         print(f"mosquitto {broker.url}   S3 {s3.url} (bucket 'models')")
-        agent_cfg = write_agent_config(WORK / "agent.toml", broker=broker.url, s3=s3.url, state_dir=WORK / "state",
-                                       socket_path=WORK / "run" / "infer.sock", channel="go2-walk",
-                                       device_id="go2-demo", prefix="edge", interval_s=2.0)
-        fleet_cfg = write_fleet_config(WORK / "fleet.toml", broker=broker.url, s3=s3.url, bucket="models",
-                                       prefix="edge", db=WORK / "fleet.db")
+        agent_cfg = write_agent_config(
+            WORK / "agent.toml",
+            broker=broker.url,
+            s3=s3.url,
+            state_dir=WORK / "state",
+            socket_path=WORK / "run" / "infer.sock",
+            channel="go2-walk",
+            device_id="go2-demo",
+            prefix="edge",
+            interval_s=2.0,
+        )
+        fleet_cfg = write_fleet_config(
+            WORK / "fleet.toml", broker=broker.url, s3=s3.url, bucket="models", prefix="edge", db=WORK / "fleet.db"
+        )
         agent = [bin_path("agent"), "--config", str(agent_cfg)]
         fleet = [bin_path("fleet"), "--config", str(fleet_cfg)]
 
@@ -87,50 +96,69 @@ def main() -> int:
         wait("the agent", (WORK / "run" / "control.sock").exists, 30)
         print(f"configs: {agent_cfg}, {fleet_cfg}; logs in {WORK}")
 
-        models = {v: mlp(WORK / f"policy-{v}.onnx", seed=i) for i, v in enumerate(("v1", "v2"), 1)}
-        models["v3"] = mlp(WORK / "policy-v3.onnx", seed=3, nan=True)
-
-        say("publish v1, then start a controller-shaped client at 200 Hz")
-        publish(fleet, models["v1"], "v1")
-        wait_state(agent, "v1", "active")
-        load_out = WORK / "client.json"
-        procs.append(spawn([sys.executable, str(ROOT / "scripts" / "load_client.py"), "--socket",
-                            str(WORK / "run" / "infer.sock"), "--hz", "200", "--out", str(load_out)], "client.log"))
-        time.sleep(2)
-
-        say("publish v2: it is swapped in under the running client")
-        t0 = time.monotonic()
-        publish(fleet, models["v2"], "v2")
-        wait_state(agent, "v2", "active")
-        print(f"v2 active {time.monotonic() - t0:.2f} s after `fleet publish` returned")
-
-        say("publish a broken v3 (returns NaN): rejected, v2 keeps serving")
-        publish(fleet, models["v3"], "v3")
-        wait_state(agent, "v3", "rejected")
-        time.sleep(2.5)  # one more telemetry interval
-
-        client = procs.pop()
-        client.send_signal(signal.SIGTERM)
-        client.wait(10)
-        seen = json.loads(load_out.read_text())
-        say("what the client saw")
-        print(f"{seen['ok']} calls answered, {seen['failed']} failed, at {seen['rate_hz']} Hz; "
-              f"round trip p50 {seen['p50_us']} µs, p99 {seen['p99_us']} µs; versions {seen['versions']}")
-
-        say("on the robot")
-        sh(*agent, "status")
-        sh(*agent, "models")
-        say("in the cloud")
-        sh(*fleet, "status")
-        sh(*fleet, "events")
-        ok = seen["failed"] == 0 and status(agent)["active"]["version"] == "v2"
-        say("demo " + ("done: v2 active, v3 rejected, no failed call" if ok else "FAILED"))
-        return 0 if ok else 1
+        return scenario(agent, fleet, procs)
     finally:
         for p in reversed(procs):
             stop(p)
         for svc in reversed(services):
             svc.stop()
+
+
+def scenario(agent: list[str], fleet: list[str], procs: list[subprocess.Popen[bytes]]) -> int:
+    models = {v: mlp(WORK / f"policy-{v}.onnx", seed=i) for i, v in enumerate(("v1", "v2"), 1)}
+    models["v3"] = mlp(WORK / "policy-v3.onnx", seed=3, nan=True)
+
+    say("publish v1, then start a controller-shaped client at 200 Hz")
+    publish(fleet, models["v1"], "v1")
+    wait_state(agent, "v1", "active")
+    load_out = WORK / "client.json"
+    procs.append(
+        spawn(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "load_client.py"),
+                "--socket",
+                str(WORK / "run" / "infer.sock"),
+                "--hz",
+                "200",
+                "--out",
+                str(load_out),
+            ],
+            "client.log",
+        )
+    )
+    time.sleep(2)
+
+    say("publish v2: it is swapped in under the running client")
+    t0 = time.monotonic()
+    publish(fleet, models["v2"], "v2")
+    wait_state(agent, "v2", "active")
+    print(f"v2 active {time.monotonic() - t0:.2f} s after `fleet publish` returned")
+
+    say("publish a broken v3 (returns NaN): rejected, v2 keeps serving")
+    publish(fleet, models["v3"], "v3")
+    wait_state(agent, "v3", "rejected")
+    time.sleep(2.5)  # one more telemetry interval
+
+    client = procs.pop()
+    client.send_signal(signal.SIGTERM)
+    client.wait(10)
+    seen = json.loads(load_out.read_text())
+    say("what the client saw")
+    print(
+        f"{seen['ok']} calls answered, {seen['failed']} failed, at {seen['rate_hz']} Hz; "
+        f"round trip p50 {seen['p50_us']} µs, p99 {seen['p99_us']} µs; versions {seen['versions']}"
+    )
+
+    say("on the robot")
+    sh(*agent, "status")
+    sh(*agent, "models")
+    say("in the cloud")
+    sh(*fleet, "status")
+    sh(*fleet, "events")
+    ok = seen["failed"] == 0 and status(agent)["active"]["version"] == "v2"
+    say("demo " + ("done: v2 active, v3 rejected, no failed call" if ok else "FAILED"))
+    return 0 if ok else 1
 
 
 def spawn(args: list[str], log: str) -> subprocess.Popen[bytes]:
@@ -139,14 +167,21 @@ def spawn(args: list[str], log: str) -> subprocess.Popen[bytes]:
 
 
 def publish(fleet: list[str], model: Path, version: str) -> None:
-    r = subprocess.run([*fleet, "publish", str(model), "--channel", "go2-walk", "--version", version],
-                       env=ENV, capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [*fleet, "publish", str(model), "--channel", "go2-walk", "--version", version],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     print(f"$ fleet publish {model.name} --channel go2-walk --version {version}")
     if r.returncode != 0:
         raise SystemExit(f"demo: publish failed: {r.stderr}")
     m = json.loads(r.stdout)
-    print(f"  announced {version}: sha256 {m['manifest']['sha256'][:12]}…, {m['manifest']['size']} bytes, "
-          f"sequence {m['sequence']}")
+    print(
+        f"  announced {version}: sha256 {m['manifest']['sha256'][:12]}…, {m['manifest']['size']} bytes, "
+        f"sequence {m['sequence']}"
+    )
 
 
 def status(agent: list[str]) -> dict[str, Any]:
