@@ -149,7 +149,7 @@ class InferenceServer:
 
     def _read(self, conn: _Conn) -> None:
         try:
-            data = conn.sock.recv(1 << 20)
+            data = conn.sock.recv(1 << 16)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
