@@ -50,7 +50,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", type=Path)
     c.add_argument("--version", dest="model_version", default="")
     c.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the outcome (0: don't)")
+    c.add_argument(
+        "--skip-check",
+        action="append",
+        default=[],
+        metavar="CHECK",
+        help="force the model past this gate check (recorded as forced); repeatable",
+    )
     c.set_defaults(func=cmd_deploy)
+    c = sub.add_parser("activate", help="activate a staged or stored version (the manual policy's step)")
+    c.add_argument("target_version", metavar="VERSION")
+    c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "activate", "version": a.target_version}, "active"))
+    c = sub.add_parser("rollback", help="go back to the previous stored model")
+    c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "rollback"}, "active"))
+    c = sub.add_parser("pin", help="serve VERSION and stop following the channel")
+    c.add_argument("target_version", metavar="VERSION")
+    c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "pin", "version": a.target_version}, "pinned"))
+    c = sub.add_parser("unpin", help="follow the channel again (catching up with what it announced meanwhile)")
+    c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "unpin"}, "unpinned"))
     return p
 
 
@@ -103,8 +120,21 @@ def format_status(s: dict[str, Any]) -> str:
     if p:
         pct = f" {100 * p['downloaded_bytes'] / p['total_bytes']:.0f}%" if p["total_bytes"] else ""
         lines.append(f"  pending   {p['version']}: {p['stage']}{pct} ({p['reason']})")
+    if s["watch"]:
+        w = s["watch"]
+        lines.append(
+            f"  watching  {w['version']} for {w['remaining_s']:.0f} s more: {w['requests']} calls, "
+            f"{w['errors']} errors, {w['nonfinite']} NaN/Inf, p99 {w['p99_us']} µs"
+        )
+    if s["pinned"]:
+        lines.append(f"  pinned    to {s['pinned']}: not following the channel (`agent unpin`)")
+    if s["staged"]:
+        lines.append(f"  staged    {', '.join(s['staged'])} (`agent activate VERSION`)")
     if r:
         lines.append(f"  rejected  {r['version']} at {_when(r['at'])}: {r['reason']}")
+    if s["last_rollback"]:
+        b = s["last_rollback"]
+        lines.append(f"  rolled back {b['version']} at {_when(b['at'])}: {b['reason']}")
     lines.append(
         f"  latency   p50 {lat['p50_us']} µs, p99 {lat['p99_us']} µs over {lat['count']} calls in the last minute"
     )
@@ -135,15 +165,25 @@ def cmd_deploy(cfg: AgentConfig, args: argparse.Namespace) -> int:
     path: Path = args.model
     if not path.is_file():
         raise AgentError(f"{path}: no such file")
-    reply = _ask(
-        cfg,
-        {"cmd": "deploy", "version": args.model_version, "size": path.stat().st_size, "name": path.name},
-        payload=path,
-    )
+    request = {
+        "cmd": "deploy",
+        "version": args.model_version,
+        "size": path.stat().st_size,
+        "name": path.name,
+        "skip_checks": args.skip_check,
+    }
+    reply = _ask(cfg, request, payload=path)
     print(f"deploying {reply['version']} (sha256 {reply['sha256'][:12]})")
     if args.wait <= 0:
         return 0
     return _wait_outcome(cfg, int(reply["id"]), args.wait)
+
+
+def _simple(cfg: AgentConfig, request: dict[str, Any], what: str) -> int:
+    reply = _ask(cfg, request)
+    version = reply.get("version") or reply.get("was")
+    print(f"{what}: {version}" if version else f"{what}")
+    return 0
 
 
 def _wait_outcome(cfg: AgentConfig, model_id: int, timeout: float) -> int:

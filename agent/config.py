@@ -58,6 +58,38 @@ class TelemetryConfig:
 
 
 @dataclass
+class GateConfig:
+    """This channel's gate (a manifest's own values win)."""
+
+    latency_budget_us: int = 2000
+    latency_calls: int = 300
+
+    def check(self) -> None:
+        positive("gate.latency_budget_us", self.latency_budget_us)
+        if self.latency_calls < 20:
+            raise ConfigError("gate.latency_calls: must be >= 20 for a meaningful p99")
+
+
+@dataclass
+class WatchConfig:
+    """The post-activation watch: roll back automatically on errors, NaN/Inf or a slower p99."""
+
+    window_s: float = 60.0
+    latency_factor: float = 2.0  # p99 worse than this x the previous model's -> rollback
+    min_calls: int = 200  # latency is judged only on at least this many calls
+    min_p99_us: int = 200  # ... and never below this floor (scheduler noise on tiny models)
+    max_errors: int = 0
+    keep_models: int = 3  # models (with engines) kept for an instant rollback
+
+    def check(self) -> None:
+        positive("watch.window_s", self.window_s)
+        if self.latency_factor < 1:
+            raise ConfigError("watch.latency_factor: must be >= 1")
+        if self.keep_models < 2:
+            raise ConfigError("watch.keep_models: must be >= 2 (the active one and one to roll back to)")
+
+
+@dataclass
 class AgentConfig:
     channel: str
     state_dir: Path
@@ -65,12 +97,15 @@ class AgentConfig:
     device_id: str = ""
     control_socket: Path | None = None  # default: control.sock beside `socket`
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    activation: Literal["auto", "manual"] = "auto"
     disk_reserve_mb: int = 256
     outbox_max_events: int = 10000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     s3: S3Config = field(default_factory=S3Config)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     def check(self) -> None:
         if not self.channel or "/" in self.channel or "+" in self.channel or "#" in self.channel:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.activation import Activation
 from agent.config import AgentConfig
 from agent.engines import Backend, select_backend
 from agent.errors import AgentError, ProtocolError, RejectedModel
@@ -21,12 +22,13 @@ from agent.fetch import s3_client, sha256_file
 from agent.lifecycle import ModelState
 from agent.link import Link
 from agent.onnxinfo import check_onnx, signature
-from agent.pipeline import ActiveContract, Candidate, Pipeline
+from agent.pipeline import Candidate, Pipeline
 from agent.protocol import Announcement, Manifest, ObjectRef, Topics, decode, encode, new_event, now
 from agent.serve import InferenceServer, ServedModel
 from agent.status import StatusBuilder
 from agent.store import ModelRecord, Store
 from agent.telemetry import LatencyRecorder
+from agent.validate import BehaviouralCheck, GateContext, GateRejected
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,17 @@ class Daemon:
             self._report_progress,
         )
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        self.activation = Activation(
+            cfg,
+            self.store,
+            self.server,
+            self.pipeline,
+            self.backend,
+            self.transition,
+            self.emit,
+            lambda: self.working.manifest.sha256 if self.working else None,
+        )
+        self.behavioural: list[BehaviouralCheck] = []  # filled by the Go2 stack (sim rollout)
         from agent.control import ControlServer
 
         self.control = ControlServer(cfg.control_path, cfg.state_dir / "incoming", self.events)
@@ -130,11 +143,12 @@ class Daemon:
         elif kind == "progress":
             self.progress[event[1]] = (event[2], event[3])
         elif kind == "pipeline-done":
-            self._on_pipeline_done(event[1], event[2], event[3])
+            self._on_pipeline_done(event[1], event[2], event[3], event[4])
         elif kind == "control":
             event[2].put(self._on_control(event[1]))
 
     def _periodic(self) -> None:
+        self.activation.tick()
         self._drain_outbox()
         if time.monotonic() >= self._next_telemetry:
             self._next_telemetry += self.cfg.telemetry.interval_s
@@ -162,6 +176,16 @@ class Daemon:
 
     def _on_announcement(self, ann: Announcement) -> None:
         mark = f"seq:{ann.channel}"
+        pinned = self.activation.pinned
+        if pinned and (self.store.mark(mark) or -1) < ann.sequence:
+            self.store.set_mark(f"deferred:{ann.channel}", ann.to_json())
+            self.emit(
+                "announcement_deferred",
+                version=ann.manifest.version,
+                sequence=ann.sequence,
+                reason=f"pinned to {pinned}; `agent unpin` follows the channel again",
+            )
+            return
         last = self.store.mark(mark)
         if last is not None and ann.sequence == last:
             log.debug("announcement %d already handled", ann.sequence)
@@ -191,19 +215,33 @@ class Daemon:
     def _start(self, cand: Candidate) -> None:
         self.working = cand
         self.pipeline.cancel.clear()
-        contract = self._active_contract()
-        self.worker.submit(self._work, cand, contract)
+        self.worker.submit(self._work, cand, self._gate_context(cand))
 
-    def _work(self, cand: Candidate, contract: ActiveContract | None) -> None:
+    def _gate_context(self, cand: Candidate) -> GateContext:
+        model = self.server.model
+        return GateContext(
+            active_inputs=model.engine.inputs if model else None,
+            active_outputs=model.engine.outputs if model else None,
+            precision=self.backend.cache_identity().get("precision", "fp32"),
+            latency_budget_us=self.cfg.gate.latency_budget_us,
+            latency_calls=self.cfg.gate.latency_calls,
+            behavioural=list(self.behavioural),
+            skip=cand.skip,
+        )
+
+    def _work(self, cand: Candidate, gate: GateContext) -> None:
         """Runs on the pipeline thread."""
         try:
-            served = self.pipeline.prepare(cand, contract)
-            self.events.put(("pipeline-done", cand, served, ""))
+            served = self.pipeline.prepare(cand, gate)
+            self.events.put(("pipeline-done", cand, served, "", {}))
+        except GateRejected as err:
+            checks = {r.name: r.to_json() for r in err.results}
+            self.events.put(("pipeline-done", cand, None, str(err), {"gate": checks}))
         except RejectedModel as err:
-            self.events.put(("pipeline-done", cand, None, str(err)))
+            self.events.put(("pipeline-done", cand, None, str(err), {}))
         except Exception as err:
             log.exception("pipeline failed on %s", cand.manifest.version)
-            self.events.put(("pipeline-done", cand, None, f"internal error: {type(err).__name__}: {err}"))
+            self.events.put(("pipeline-done", cand, None, f"internal error: {type(err).__name__}: {err}", {}))
 
     def _report_stage(self, record_id: int, state: ModelState, reason: str, figures: dict[str, Any]) -> None:
         self.events.put(("stage", record_id, state, reason, figures))
@@ -219,15 +257,17 @@ class Daemon:
             self.store.set_engine_key(rec, figures.pop("engine_key"))
         self.transition(rec, state, reason, **figures)
 
-    def _on_pipeline_done(self, cand: Candidate, served: ServedModel | None, error: str) -> None:
+    def _on_pipeline_done(
+        self, cand: Candidate, served: ServedModel | None, error: str, figures: dict[str, Any]
+    ) -> None:
         self.working = None
         self.progress.pop(cand.record_id, None)
         rec = self.store.get(cand.record_id)
         if served is None:
             if not rec.state.terminal:
-                self.transition(rec, ModelState.REJECTED, error or "cancelled")
+                self.transition(rec, ModelState.REJECTED, error or "cancelled", **figures)
         else:
-            self._activate(rec, served)
+            self.activation.staged(rec, served)
         if self.waiting:
             newest, older = self.waiting[-1], self.waiting[:-1]
             self.waiting = []
@@ -236,21 +276,6 @@ class Daemon:
                     self.store.get(c.record_id), ModelState.REJECTED, f"superseded by {newest.manifest.version}"
                 )
             self._start(newest)
-
-    def _activate(self, rec: ModelRecord, served: ServedModel) -> None:
-        previous = self.store.active()
-        if not self.server.swap(served):
-            self.transition(rec, ModelState.REJECTED, "the serving thread did not take the swap in time")
-            return
-        self.transition(rec, ModelState.ACTIVE, "swapped in; serving")
-        if previous is not None and previous.id != rec.id:
-            self.transition(previous, ModelState.RETIRED, f"replaced by {rec.version}")
-
-    def _active_contract(self) -> ActiveContract | None:
-        model = self.server.model
-        if model is None:
-            return None
-        return ActiveContract(model.engine.inputs, model.engine.outputs)
 
     # -- restart recovery ------------------------------------------------------------------------
     def _restore_active(self) -> None:
@@ -283,12 +308,30 @@ class Daemon:
             if cmd == "status":
                 return {"ok": True, "status": self.status.build()}
             if cmd == "deploy":
-                return self._deploy(Path(req["path"]), str(req.get("version") or ""))
+                skip = frozenset(str(x) for x in req.get("skip_checks") or ())
+                return self._deploy(Path(req["path"]), str(req.get("version") or ""), skip)
+            if cmd == "rollback":
+                return {"ok": True, "version": self.activation.rollback_to_previous().version}
+            if cmd == "activate":
+                rec = self.activation.activate_version(str(req["version"]), "activated by the operator")
+                return {"ok": True, "version": rec.version}
+            if cmd == "pin":
+                return {"ok": True, "version": self.activation.pin(str(req["version"])).version}
+            if cmd == "unpin":
+                return self._unpin()
         except AgentError as err:
             return {"ok": False, "error": str(err)}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
-    def _deploy(self, part: Path, version: str) -> dict[str, Any]:
+    def _unpin(self) -> dict[str, Any]:
+        was = self.activation.unpin()
+        deferred = self.store.mark(f"deferred:{self.cfg.channel}")
+        if deferred is not None:
+            self.store.set_mark(f"deferred:{self.cfg.channel}", None)
+            self._on_announcement(Announcement.from_json(deferred))  # catch up with the channel
+        return {"ok": True, "was": was}
+
+    def _deploy(self, part: Path, version: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
         """A local file takes the channel's pipeline from 'verified' on; authorised by socket access."""
         try:
             proto = check_onnx(part)
@@ -310,7 +353,7 @@ class Daemon:
         )
         rec = self.store.add(manifest, self.cfg.channel, None, "local", "deployed from a local file")
         self._announce_event(rec)
-        self._schedule(Candidate(rec.id, manifest, "local"))
+        self._schedule(Candidate(rec.id, manifest, "local", skip))
         return {"ok": True, "id": rec.id, "version": manifest.version, "sha256": sha}
 
     # -- reporting -------------------------------------------------------------------------------

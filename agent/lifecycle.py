@@ -44,7 +44,7 @@ ALLOWED: dict[ModelState, set[ModelState]] = {
     ModelState.VERIFIED: _WORKING | {ModelState.REJECTED},
     ModelState.BUILDING: _WORKING | {ModelState.REJECTED},
     ModelState.VALIDATING: _WORKING | {ModelState.STAGED, ModelState.REJECTED},
-    ModelState.STAGED: _WORKING | {ModelState.ACTIVE, ModelState.REJECTED, ModelState.RETIRED},
+    ModelState.STAGED: _WORKING | {ModelState.STAGED, ModelState.ACTIVE, ModelState.REJECTED, ModelState.RETIRED},
     ModelState.ACTIVE: {ModelState.RETIRED, ModelState.ROLLED_BACK},
     ModelState.RETIRED: {ModelState.ACTIVE, ModelState.STAGED},
     ModelState.REJECTED: set(),

@@ -46,10 +46,9 @@ def make_client(
 def jitter_backoff(client: mqtt.Client, lo: float, hi: float) -> None:
     """paho doubles the delay up to a cap but adds no jitter; re-drawing the bounds on every
     disconnect keeps a fleet that lost its broker from reconnecting in lockstep."""
-    client.reconnect_delay_set(
-        min_delay=lo * random.uniform(1.0, 2.0),  # type: ignore[arg-type]
-        max_delay=hi * random.uniform(0.5, 1.0),
-    )  # type: ignore[arg-type]
+    # paho annotates the delays as int; it only sleeps on them, so float seconds work.
+    low, high = lo * random.uniform(1.0, 2.0), hi * random.uniform(0.5, 1.0)
+    client.reconnect_delay_set(min_delay=low, max_delay=high)  # type: ignore[arg-type]
 
 
 def host_port(url: str) -> tuple[str, int]:

@@ -16,10 +16,10 @@ from agent.engines import Backend, Engine, engine_key
 from agent.errors import RejectedModel
 from agent.lifecycle import ModelState
 from agent.onnxinfo import check_onnx, signature
-from agent.protocol import Manifest, TensorSpec, signature_diff
+from agent.protocol import Manifest, signature_diff
 from agent.serve import ServedModel
 from agent.store import Store
-from agent.validate import run_gate
+from agent.validate import GateContext, run_gate
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,7 @@ class Candidate:
     record_id: int
     manifest: Manifest
     source: str  # "channel" or "local"
-
-
-@dataclass(frozen=True)
-class ActiveContract:
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
+    skip: frozenset[str] = frozenset()  # gate checks an operator forced it past
 
 
 class Pipeline:
@@ -58,20 +53,23 @@ class Pipeline:
         self.progress = progress
         self.cancel = threading.Event()
 
-    def prepare(self, cand: Candidate, active: ActiveContract | None) -> ServedModel:
+    def prepare(self, cand: Candidate, gate: GateContext) -> ServedModel:
         m = cand.manifest
         model_path = self.store.model_path(m.sha256)
-        golden = self._download(cand, model_path)
+        gate.golden = self._download(cand, model_path)
         self._verify(cand, model_path)
         key, engine_path = self._build(cand, model_path)
         self.report(cand.record_id, ModelState.VALIDATING, "engine loaded; running the gate", {})
-        engine = self._load(engine_path, model_path)
+        engine = self.load(engine_path, model_path)
         try:
-            gate = run_gate(engine, m, active.inputs if active else None, active.outputs if active else None, golden)
+            results = run_gate(engine, m, gate)
         except BaseException:
             engine.close()
             raise
-        self.report(cand.record_id, ModelState.STAGED, "passed the gate", {"engine_key": key, **gate.figures})
+        figures = {"engine_key": key, "gate": {r.name: r.to_json() for r in results}}
+        forced = [r.name for r in results if r.figures.get("forced")]
+        note = f" (forced past {', '.join(forced)})" if forced else ""
+        self.report(cand.record_id, ModelState.STAGED, f"passed the gate{note}", figures)
         return ServedModel(engine, m.version, m.sha256, self.backend.name)
 
     def _download(self, cand: Candidate, model_path: Path) -> Path | None:
@@ -128,7 +126,7 @@ class Pipeline:
             raise RejectedModel("build", f"{self.backend.name} build failed: {err}") from err
         return key, engine_path
 
-    def _load(self, engine_path: Path, model_path: Path) -> Engine:
+    def load(self, engine_path: Path, model_path: Path) -> Engine:
         """A cached engine that does not load is rebuilt once, never trusted."""
         try:
             return self.backend.load(engine_path)

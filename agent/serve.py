@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent import wire
 from agent.engines import Engine
 from agent.errors import ProtocolError
@@ -44,6 +46,18 @@ class ServedModel:
         }
 
 
+class SwapStats:
+    """What the serving thread saw of the model in service since the last swap: the post-activation
+    watch reads it. Replaced (not reset) at each swap, so a reader never sees a mix."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.requests = 0
+        self.errors = 0
+        self.nonfinite = 0
+        self.latency = LatencyRecorder(window_s=3600, buckets=1)
+
+
 class _Conn:
     __slots__ = ("inbuf", "outbuf", "sock")
 
@@ -60,7 +74,10 @@ class InferenceServer:
         self.requests = 0
         self.errors = 0
         self._model: ServedModel | None = None
-        self._pending: list[ServedModel] = []
+        self._pending: list[tuple[ServedModel, bool]] = []
+        self._handed_back: dict[int, ServedModel | None] = {}
+        self._to_close: list[ServedModel] = []
+        self.stats = SwapStats("")
         self._pending_lock = threading.Lock()
         self._swapped = threading.Condition(self._pending_lock)
         self._conns: dict[int, _Conn] = {}
@@ -94,17 +111,28 @@ class InferenceServer:
         self._thread = threading.Thread(target=self._loop, name="serve", daemon=True)
         self._thread.start()
 
-    def swap(self, model: ServedModel, timeout: float = 5.0) -> bool:
-        """Hand a loaded, warmed-up model to the serving thread; returns once it serves it."""
+    def swap(self, model: ServedModel, keep_previous: bool = False, timeout: float = 5.0) -> ServedModel | None:
+        """Hand a loaded, warmed-up model to the serving thread; returns once it serves it. With
+        `keep_previous` the replaced model is handed back open (for an instant rollback) and the
+        caller must `release` it later; otherwise the serving thread closes it."""
         with self._swapped:
-            self._pending.append(model)
+            self._pending.append((model, keep_previous))
             self._wake_w.send(b"s")
-            return self._swapped.wait_for(lambda: self._model is model, timeout)
+            if not self._swapped.wait_for(lambda: id(model) in self._handed_back, timeout):
+                raise TimeoutError("the serving thread did not take the swap")
+            return self._handed_back.pop(id(model))
+
+    def release(self, model: ServedModel) -> None:
+        """Close a model handed back by `swap` (on the serving thread, which owns engine contexts)."""
+        with self._swapped:
+            self._to_close.append(model)
+            self._wake_w.send(b"r")
 
     def swap_now(self, model: ServedModel) -> None:
         """Before start(): the model restored from the state dir."""
         assert self._thread is None
         self._model = model
+        self.stats = SwapStats(model.version)
 
     def stop(self) -> None:
         self._stop = True
@@ -120,6 +148,8 @@ class InferenceServer:
                     self._dispatch(key, mask)
                 if self._pending:
                     self._apply_swap()
+                if self._to_close:
+                    self._close_released()
         finally:
             self._shutdown()
 
@@ -189,15 +219,24 @@ class InferenceServer:
         return self._infer(model, rid, body)
 
     def _infer(self, model: ServedModel, rid: int, body: bytes) -> bytes:
+        stats = self.stats
         try:
             feeds = wire.unpack_tensors(memoryview(body), 5)
             t0 = time.perf_counter_ns()
             outputs = model.engine.run(feeds)
-            self.recorder.record((time.perf_counter_ns() - t0) // 1000)
+            us = (time.perf_counter_ns() - t0) // 1000
         except Exception as err:  # a bad request must not take serving down
             self.errors += 1
+            stats.errors += 1
             return wire.error(rid, model.version, f"{type(err).__name__}: {err}")
+        self.recorder.record(us)
+        stats.latency.record(us)
         self.requests += 1
+        stats.requests += 1
+        for out in outputs.values():
+            if out.dtype.kind == "f" and not np.isfinite(out).all():
+                stats.nonfinite += 1  # still answered: the controller's safety layer decides
+                break
         return wire.result(rid, model.version, outputs)
 
     def _flush(self, conn: _Conn) -> None:
@@ -215,13 +254,21 @@ class InferenceServer:
 
     def _apply_swap(self) -> None:
         with self._swapped:
-            pending, self._pending = self._pending, []
-            old = self._model
-            self._model = pending[-1]
+            for model, keep in self._pending:
+                old, self._model = self._model, model
+                self.stats = SwapStats(model.version)
+                self._handed_back[id(model)] = old if keep else None
+                if old is not None and not keep:
+                    self._to_close.append(old)
+            self._pending = []
             self._swapped.notify_all()
-        for stale in [old, *pending[:-1]]:
-            if stale is not None and stale is not self._model:
-                _close_engine(stale)
+
+    def _close_released(self) -> None:
+        with self._swapped:
+            closing, self._to_close = self._to_close, []
+        for model in closing:
+            if model is not self._model:
+                _close_engine(model)
 
     def _close(self, conn: _Conn) -> None:
         self._conns.pop(conn.sock.fileno(), None)

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.lifecycle import ModelState
 from agent.protocol import now
 
 if TYPE_CHECKING:
@@ -21,6 +22,11 @@ class StatusBuilder:
         d = self.d
         active = d.store.active()
         rejected = d.store.last_rejected()
+        rolled = sorted(d.store.in_state(ModelState.ROLLED_BACK), key=lambda r: r.updated_at)
+        staged = [
+            r.version for r in d.store.in_state(ModelState.STAGED) if d.working is None or r.id != d.working.record_id
+        ]
+        watch = d.activation.watch
         minute = d.recorder.last_minute()
         conflict = d.link.conflict_until > time.time()
         return {
@@ -58,6 +64,17 @@ class StatusBuilder:
                 "reason": rejected.reason,
                 "at": rejected.updated_at,
             },
+            "last_rollback": None
+            if not rolled
+            else {
+                "version": rolled[-1].version,
+                "reason": rolled[-1].reason,
+                "at": rolled[-1].updated_at,
+            },
+            "activation": d.cfg.activation,
+            "staged": staged,
+            "pinned": d.activation.pinned,
+            "watch": None if watch is None else watch.to_json(d.server.stats, d.cfg.watch.window_s),
             "latency_last_minute": {"count": minute.count, "p50_us": minute.p50_us, "p99_us": minute.p99_us},
             "clients": d.server.clients,
             "requests": d.server.requests,

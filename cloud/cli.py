@@ -35,7 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--channel", required=True)
     c.add_argument("--version", dest="model_version")
     c.add_argument("--golden", type=Path, help=".npz of inputs/<name> and outputs/<name> (README: Golden I/O)")
+    c.add_argument("--latency-budget-us", type=int, help="the gate's p99 budget for this model (default: the device's)")
+    c.add_argument("--golden-atol", type=float, help="absolute tolerance against the golden outputs")
+    c.add_argument("--golden-rtol", type=float, help="relative tolerance against the golden outputs")
     c.set_defaults(func=cmd_publish)
+    c = sub.add_parser("rollback", help="announce an earlier version again (a new sequence number)")
+    c.add_argument("--channel", required=True)
+    c.add_argument("--to", required=True, dest="to_version", metavar="VERSION")
+    c.set_defaults(func=cmd_rollback)
     c = sub.add_parser("collect", help="store device status, events and telemetry (long-running)")
     c.set_defaults(func=cmd_collect)
     c = sub.add_parser("status", help="one row per device")
@@ -52,7 +59,28 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
     from cloud.publish import publish
 
-    ann = publish(cfg, args.model, args.channel, args.model_version, args.golden)
+    extra = {
+        k: v
+        for k, v in (
+            ("latency_budget_us", args.latency_budget_us),
+            ("golden_atol", args.golden_atol),
+            ("golden_rtol", args.golden_rtol),
+        )
+        if v is not None
+    }
+    ann = publish(cfg, args.model, args.channel, args.model_version, args.golden, extra)
+    _print_announcement(ann)
+    return 0
+
+
+def cmd_rollback(cfg: FleetConfig, args: argparse.Namespace) -> int:
+    from cloud.publish import rollback
+
+    _print_announcement(rollback(cfg, args.channel, args.to_version))
+    return 0
+
+
+def _print_announcement(ann: Any) -> None:
     print(
         json.dumps(
             {
@@ -64,7 +92,6 @@ def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
             indent=2,
         )
     )
-    return 0
 
 
 def cmd_collect(cfg: FleetConfig, _args: argparse.Namespace) -> int:

@@ -152,3 +152,13 @@ def _read_json(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
         raise PublishError(f"s3://{bucket}/{key}: {err}") from err
     result: dict[str, Any] = json.loads(body)
     return result
+
+
+def rollback(cfg: FleetConfig, channel: str, version: str) -> Announcement:
+    """Announce an earlier version again, with a new sequence number: every device follows it,
+    downloading it again where it no longer stores it."""
+    s3 = s3_client(cfg.s3.endpoint_url, cfg.s3.region)
+    data = _read_json(s3, cfg.s3.bucket, f"manifests/{channel}/{version}.json")
+    if data is None:
+        raise PublishError(f"no version {version!r} was published on channel {channel!r}")
+    return announce(cfg, s3, channel, Manifest.from_json(data))

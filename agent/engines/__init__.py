@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def select_backend(choice: str) -> Backend:
         try:
             from agent.engines.tensorrt import TensorRTBackend
 
-            return TensorRTBackend()
+            return cast(Backend, TensorRTBackend())
         except BackendUnavailable:
             if choice == "tensorrt":
                 raise

@@ -1,0 +1,243 @@
+"""Activation: the swap, the post-activation watch with its automatic rollback, the operator's
+commands (activate, rollback, pin, unpin) and the retention of stored models and engines.
+
+Runs on the coordinator thread only. The swap itself is one reference change on the serving
+thread (agent.serve); the replaced model stays loaded during the watch, so a rollback is a swap too."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.engines import Backend, engine_key
+from agent.errors import AgentError
+from agent.lifecycle import ModelState
+from agent.pipeline import Pipeline
+from agent.serve import InferenceServer, ServedModel, SwapStats
+from agent.store import ModelRecord, Store
+
+log = logging.getLogger(__name__)
+
+Transition = Callable[..., ModelRecord]
+Emit = Callable[..., None]
+PIN_MARK = "pin"
+
+
+@dataclass
+class Watch:
+    record_id: int
+    version: str
+    previous_id: int | None
+    previous: ServedModel | None  # still loaded: rolling back is a swap
+    started: float
+    baseline_p99_us: int | None  # the previous model's served p99, when it served enough calls
+
+    def to_json(self, stats: SwapStats, window_s: float) -> dict[str, Any]:
+        summary = stats.latency.last_minute()
+        return {
+            "version": self.version,
+            "remaining_s": round(max(0.0, window_s - (time.monotonic() - self.started)), 1),
+            "requests": stats.requests,
+            "errors": stats.errors,
+            "nonfinite": stats.nonfinite,
+            "p99_us": summary.p99_us,
+            "baseline_p99_us": self.baseline_p99_us,
+        }
+
+
+class Activation:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: Store,
+        server: InferenceServer,
+        pipeline: Pipeline,
+        backend: Backend,
+        transition: Transition,
+        emit: Emit,
+        working_sha: Callable[[], str | None],
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.server = server
+        self.pipeline = pipeline
+        self.backend = backend
+        self.transition = transition
+        self.emit = emit
+        self.working_sha = working_sha
+        self.watch: Watch | None = None
+
+    @property
+    def pinned(self) -> str | None:
+        value = self.store.mark(PIN_MARK)
+        return str(value) if value else None
+
+    # -- a model that passed the gate --------------------------------------------------------------
+    def staged(self, rec: ModelRecord, served: ServedModel) -> None:
+        if self.cfg.activation == "manual" or self.pinned:
+            why = f"pinned to {self.pinned}" if self.pinned else "activation policy is manual"
+            self.server.release(served)
+            self.transition(rec, ModelState.STAGED, f"waiting: {why}; `agent activate {rec.version}` to use it")
+            return
+        self.activate(rec, served, "passed the gate; swapped in")
+
+    def activate(self, rec: ModelRecord, served: ServedModel, reason: str) -> None:
+        previous_rec = self.store.active()
+        baseline = self._served_p99()
+        self._end_watch("replaced before its watch ended")
+        previous = self.server.swap(served, keep_previous=True)
+        self.transition(rec, ModelState.ACTIVE, reason)
+        if previous_rec is not None and previous_rec.id != rec.id:
+            self.transition(previous_rec, ModelState.RETIRED, f"replaced by {rec.version}")
+        self.watch = Watch(
+            rec.id, rec.version, previous_rec.id if previous_rec else None, previous, time.monotonic(), baseline
+        )
+
+    def _served_p99(self) -> int | None:
+        summary = self.server.stats.latency.last_minute()
+        return summary.p99_us if summary.count >= self.cfg.watch.min_calls else None
+
+    # -- the post-activation watch -----------------------------------------------------------------
+    def tick(self) -> None:
+        w = self.watch
+        if w is None:
+            return
+        stats = self.server.stats
+        reason = self._verdict(stats, w)
+        if reason:
+            self._rollback(w, reason)
+        elif time.monotonic() - w.started >= self.cfg.watch.window_s:
+            self.emit("watch_passed", version=w.version, **w.to_json(stats, 0))
+            self._end_watch("")
+            self.collect_garbage()
+
+    def _verdict(self, stats: SwapStats, w: Watch) -> str:
+        wc = self.cfg.watch
+        if stats.errors > wc.max_errors:
+            return f"{stats.errors} request errors in service"
+        if stats.nonfinite:
+            return f"{stats.nonfinite} responses with NaN/Inf outputs in service"
+        summary = stats.latency.last_minute()
+        if w.baseline_p99_us is not None and summary.count >= wc.min_calls:
+            limit = max(wc.latency_factor * w.baseline_p99_us, wc.min_p99_us)
+            if summary.p99_us > limit:
+                return (
+                    f"served p99 {summary.p99_us} µs is over {wc.latency_factor:g} x the previous model's "
+                    f"{w.baseline_p99_us} µs"
+                )
+        return ""
+
+    def _rollback(self, w: Watch, reason: str) -> None:
+        rec = self.store.get(w.record_id)
+        self.watch = None
+        if w.previous is None or w.previous_id is None:
+            log.error("%s failed its watch (%s) and there is no previous model to go back to", w.version, reason)
+            self.emit("watch_failed", version=w.version, reason=f"{reason}; no previous model to roll back to")
+            return
+        self.server.swap(w.previous)  # the failed model is closed by the serving thread
+        self.transition(rec, ModelState.ROLLED_BACK, f"post-activation watch: {reason}")
+        previous = self.store.get(w.previous_id)
+        self.transition(previous, ModelState.ACTIVE, f"restored: {w.version} was rolled back ({reason})")
+
+    def _end_watch(self, why: str) -> None:
+        w, self.watch = self.watch, None
+        if w is not None and w.previous is not None:
+            self.server.release(w.previous)
+            if why:
+                log.info("watch of %s ended: %s", w.version, why)
+
+    # -- operator commands -------------------------------------------------------------------------
+    def rollback_to_previous(self) -> ModelRecord:
+        active = self.store.active()
+        target = next((r for r in self._stored_history() if active is None or r.sha256 != active.sha256), None)
+        if target is None:
+            raise AgentError("no previous model is stored on this device to roll back to")
+        if self.watch is not None and self.watch.previous_id == target.id and self.watch.previous is not None:
+            served, self.watch.previous = self.watch.previous, None
+        else:
+            served = self._load_stored(target)
+        self._end_watch("rolled back by the operator")
+        self.server.swap(served)
+        if active is not None:
+            self.transition(active, ModelState.ROLLED_BACK, "rolled back by the operator (`agent rollback`)")
+        return self.transition(target, ModelState.ACTIVE, "restored by the operator (`agent rollback`)")
+
+    def activate_version(self, version: str, reason: str) -> ModelRecord:
+        rec = self._find(version)
+        active = self.store.active()
+        if active is not None and active.id == rec.id:
+            return rec
+        self.activate(rec, self._load_stored(rec), reason)
+        return self.store.get(rec.id)
+
+    def pin(self, version: str) -> ModelRecord:
+        rec = self.activate_version(version, f"pinned by the operator (`agent pin {version}`)")
+        self.store.set_mark(PIN_MARK, version)
+        self.emit("pinned", version=version)
+        return rec
+
+    def unpin(self) -> str | None:
+        was = self.pinned
+        self.store.set_mark(PIN_MARK, None)
+        if was:
+            self.emit("unpinned", version=was)
+        return was
+
+    def _find(self, version: str) -> ModelRecord:
+        candidates = [
+            r
+            for r in self.store.history(1000)
+            if r.version == version and r.state in (ModelState.ACTIVE, ModelState.STAGED, ModelState.RETIRED)
+        ]
+        if not candidates:
+            known = sorted({r.version for r in self._stored_history()})
+            raise AgentError(f"no usable model {version!r} on this device (stored: {', '.join(known) or 'none'})")
+        rec = candidates[0]
+        if not self.store.model_path(rec.sha256).exists():
+            raise AgentError(f"{version} is no longer stored on this device; `fleet rollback` brings it back")
+        return rec
+
+    def _stored_history(self) -> list[ModelRecord]:
+        """Models that served before (most recent first) whose files are still here."""
+        recs = [
+            r
+            for r in self.store.history(1000)
+            if r.activated_at is not None and r.state in (ModelState.ACTIVE, ModelState.RETIRED)
+        ]
+        recs.sort(key=lambda r: r.activated_at or 0.0, reverse=True)
+        return [r for r in recs if self.store.model_path(r.sha256).exists()]
+
+    def _load_stored(self, rec: ModelRecord) -> ServedModel:
+        key = engine_key(rec.sha256, self.backend)
+        engine = self.pipeline.load(self.store.engine_path(key), self.store.model_path(rec.sha256))
+        if rec.engine_key != key:
+            self.store.set_engine_key(rec, key)
+        return ServedModel(engine, rec.version, rec.sha256, self.backend.name)
+
+    # -- retention ---------------------------------------------------------------------------------
+    def collect_garbage(self) -> None:
+        """Keep the files of the last `keep_models` models that served, the staged ones and the one
+        being prepared; remove the rest and stale .part files."""
+        keep = {r.sha256 for r in self._stored_history()[: self.cfg.watch.keep_models]}
+        keep |= {r.sha256 for r in self.store.in_state(ModelState.STAGED, ModelState.ACTIVE)}
+        working = self.working_sha()
+        if working:
+            keep.add(working)
+        keys = {engine_key(sha, self.backend) for sha in keep}
+        removed = 0
+        for folder, keep_names in (
+            (self.store.models_dir, keep),
+            (self.store.golden_dir, keep),
+            (self.store.engines_dir, keys),
+        ):
+            for f in folder.iterdir():
+                stem = f.name.split(".")[0]
+                if stem not in keep_names:
+                    f.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            log.info("removed %d stored files beyond the last %d models", removed, self.cfg.watch.keep_models)
