@@ -111,7 +111,7 @@ class Activation:
         if reason:
             self._rollback(w, reason)
         elif time.monotonic() - w.started >= self.cfg.watch.window_s:
-            self.emit("watch_passed", version=w.version, **w.to_json(stats, 0))
+            self.emit("watch_passed", **w.to_json(stats, 0))
             self._end_watch("")
             self.collect_garbage()
 

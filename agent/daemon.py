@@ -108,8 +108,11 @@ class Daemon:
                 event = self.events.get(timeout=TICK_S)
             except queue.Empty:
                 event = ("tick",)
-            self._dispatch(event)
-            self._periodic()
+            try:
+                self._dispatch(event)
+                self._periodic()
+            except Exception:  # a bug in one event must not take serving down with it
+                log.exception("coordinator failed on %s", event[0])
         self._shutdown()
         return 0
 

@@ -75,7 +75,8 @@ class Pipeline:
     def _download(self, cand: Candidate, model_path: Path) -> Path | None:
         m = cand.manifest
         if cand.source == "channel":
-            self.report(cand.record_id, ModelState.DOWNLOADING, f"s3://{m.model.bucket}/{m.model.key}", {})
+            where = "already stored; checking its sha256" if model_path.exists() else ""
+            self.report(cand.record_id, ModelState.DOWNLOADING, where or f"s3://{m.model.bucket}/{m.model.key}", {})
             s3 = self.s3_factory()
             fetch.fetch(
                 s3,

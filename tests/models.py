@@ -52,3 +52,48 @@ def mlp(
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def nan_when_triggered(path: Path, seed: int = 7, dims: tuple[int, ...] = (48, 512, 256, 128, 12)) -> Path:
+    """A policy that is finite on ordinary inputs (so it passes the gate) but returns NaN whenever
+    obs[0, 0] > 1000: a model that misbehaves only in service."""
+    base = onnx.load(str(mlp(path, dims=dims, seed=seed, out_name="clean")))
+    g = base.graph
+    g.initializer.extend([
+        numpy_helper.from_array(np.array([0], np.int64), "s0"),
+        numpy_helper.from_array(np.array([1], np.int64), "s1"),
+        numpy_helper.from_array(np.array([1], np.int64), "ax"),
+        numpy_helper.from_array(np.array(1000.0, np.float32), "limit"),
+        numpy_helper.from_array(np.array(np.nan, np.float32), "nan"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ])
+    g.node.extend([
+        helper.make_node("Slice", ["obs", "s0", "s1", "ax"], ["first"]),
+        helper.make_node("Greater", ["first", "limit"], ["trig"]),
+        helper.make_node("Where", ["trig", "nan", "zero"], ["poison"]),
+        helper.make_node("Add", ["clean", "poison"], ["actions"]),
+    ])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("actions", TensorProto.FLOAT, [1, dims[-1]]))
+    onnx.checker.check_model(base)
+    onnx.save(base, str(path))
+    return path
+
+
+def mlp_weights(path: Path) -> list[np.ndarray]:
+    """The initializers of an `mlp` file, in order (w0, b0, w1, b1, ...)."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    n = sum(1 for k in inits if k.startswith("w"))
+    return [a for i in range(n) for a in (inits[f"w{i}"], inits[f"b{i}"])]
+
+
+def numpy_forward(weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The same MLP in numpy (float64): golden outputs computed independently of any runtime."""
+    h = x.astype(np.float64)
+    pairs = list(zip(weights[::2], weights[1::2], strict=True))
+    for i, (w, b) in enumerate(pairs):
+        h = h @ w.astype(np.float64) + b
+        if i < len(pairs) - 1:
+            h = np.where(h > 0, h, np.expm1(h))  # ELU, alpha 1
+    return h
