@@ -55,16 +55,18 @@ class SwapStats:
         self.requests = 0
         self.errors = 0
         self.nonfinite = 0
+        self.samples: list[int] = []  # appended by the serving thread, drained by the coordinator
         self.latency = LatencyRecorder(window_s=3600, buckets=1)
 
 
 class _Conn:
-    __slots__ = ("inbuf", "outbuf", "sock")
+    __slots__ = ("inbuf", "outbuf", "sock", "writing")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+        self.writing = False  # registered for EVENT_WRITE (a reply did not fit the socket buffer)
 
 
 class InferenceServer:
@@ -78,6 +80,7 @@ class InferenceServer:
         self._handed_back: dict[int, ServedModel | None] = {}
         self._to_close: list[ServedModel] = []
         self.stats = SwapStats("")
+        self._samples: list[int] = []
         self._pending_lock = threading.Lock()
         self._swapped = threading.Condition(self._pending_lock)
         self._conns: dict[int, _Conn] = {}
@@ -127,6 +130,16 @@ class InferenceServer:
         with self._swapped:
             self._to_close.append(model)
             self._wake_w.send(b"r")
+
+    def drain(self) -> None:
+        """Coordinator side: move the serving thread's latency samples into the histograms."""
+        samples, self._samples = self._samples, []
+        for us in samples:
+            self.recorder.record(us)
+        stats = self.stats
+        mine, stats.samples = stats.samples, []
+        for us in mine:
+            stats.latency.record(us)
 
     def swap_now(self, model: ServedModel) -> None:
         """Before start(): the model restored from the state dir."""
@@ -229,8 +242,8 @@ class InferenceServer:
             self.errors += 1
             stats.errors += 1
             return wire.error(rid, model.version, f"{type(err).__name__}: {err}")
-        self.recorder.record(us)
-        stats.latency.record(us)
+        self._samples.append(us)  # histograms are fed off the hot path (drain)
+        stats.samples.append(us)
         self.requests += 1
         stats.requests += 1
         for out in outputs.values():
@@ -248,9 +261,10 @@ class InferenceServer:
             self._close(conn)
             return
         del conn.outbuf[:sent]
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
-        if self._sel.get_key(conn.sock).events != want:
-            self._sel.modify(conn.sock, want, "conn")
+        if bool(conn.outbuf) != conn.writing:
+            conn.writing = bool(conn.outbuf)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.writing else 0)
+            self._sel.modify(conn.sock, events, "conn")
 
     def _apply_swap(self) -> None:
         with self._swapped:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -37,13 +38,20 @@ def pack_tensors(tensors: dict[str, np.ndarray]) -> bytes:
     parts = [_U16.pack(len(tensors))]
     for name, arr in tensors.items():
         a = np.ascontiguousarray(arr)
-        code = _CODE_OF.get(a.dtype.newbyteorder("="))  # the kind; astype below fixes the byte order
-        if code is None:
-            raise ProtocolError(f"tensor {name!r}: dtype {a.dtype} is not supported on the wire")
-        nb = name.encode()
-        parts.append(_U8.pack(len(nb)) + nb + struct.pack(f"<BB{a.ndim}I", code, a.ndim, *a.shape))
-        parts.append(a.astype(_DTYPE_OF[code], copy=False).tobytes())
+        head, wire_dtype = _tensor_head(name, a.dtype, a.shape)
+        parts.append(head)
+        parts.append(a.astype(wire_dtype, copy=False).tobytes())
     return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_head(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, np.dtype]:
+    """A tensor's header bytes; cached, since a controller sends the same shapes every call."""
+    code = _CODE_OF.get(dtype.newbyteorder("="))  # the kind; astype fixes the byte order
+    if code is None:
+        raise ProtocolError(f"tensor {name!r}: dtype {dtype} is not supported on the wire")
+    nb = name.encode()
+    return _U8.pack(len(nb)) + nb + struct.pack(f"<BB{len(shape)}I", code, len(shape), *shape), _DTYPE_OF[code]
 
 
 def unpack_tensors(buf: memoryview, off: int) -> dict[str, np.ndarray]:
@@ -52,22 +60,30 @@ def unpack_tensors(buf: memoryview, off: int) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for _ in range(count):
         (nlen,) = _U8.unpack_from(buf, off)
-        name = bytes(buf[off + 1 : off + 1 + nlen]).decode()
-        off += 1 + nlen
-        code, ndim = struct.unpack_from("<BB", buf, off)
-        off += 2
-        if code >= len(_DTYPE_OF):
-            raise ProtocolError(f"tensor {name!r}: unknown dtype code {code}")
-        shape = struct.unpack_from(f"<{ndim}I", buf, off)
-        off += 4 * ndim
-        dt = _DTYPE_OF[code]
-        n = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+        ndim = buf[off + 2 + nlen] if off + 2 + nlen < len(buf) else 0
+        head_len = 3 + nlen + 4 * ndim
+        name, dt, shape, n = _parse_head(bytes(buf[off : off + head_len]))
+        off += head_len
         end = off + n * dt.itemsize
         if end > len(buf):
             raise ProtocolError(f"tensor {name!r}: frame too short for shape {shape}")
         out[name] = np.frombuffer(buf, dtype=dt, count=n, offset=off).reshape(shape)
         off = end
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_head(head: bytes) -> tuple[str, np.dtype, tuple[int, ...], int]:
+    nlen = head[0]
+    try:
+        name = head[1 : 1 + nlen].decode()
+        code, ndim = struct.unpack_from("<BB", head, 1 + nlen)
+        shape = struct.unpack_from(f"<{ndim}I", head, 3 + nlen)
+    except (UnicodeDecodeError, struct.error) as err:
+        raise ProtocolError(f"malformed tensor header: {err}") from err
+    if code >= len(_DTYPE_OF):
+        raise ProtocolError(f"tensor {name!r}: unknown dtype code {code}")
+    return name, _DTYPE_OF[code], shape, int(np.prod(shape, dtype=np.int64)) if ndim else 1
 
 
 def frame(body: bytes) -> bytes:

@@ -59,20 +59,24 @@ def nan_when_triggered(path: Path, seed: int = 7, dims: tuple[int, ...] = (48, 5
     obs[0, 0] > 1000: a model that misbehaves only in service."""
     base = onnx.load(str(mlp(path, dims=dims, seed=seed, out_name="clean")))
     g = base.graph
-    g.initializer.extend([
-        numpy_helper.from_array(np.array([0], np.int64), "s0"),
-        numpy_helper.from_array(np.array([1], np.int64), "s1"),
-        numpy_helper.from_array(np.array([1], np.int64), "ax"),
-        numpy_helper.from_array(np.array(1000.0, np.float32), "limit"),
-        numpy_helper.from_array(np.array(np.nan, np.float32), "nan"),
-        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-    ])
-    g.node.extend([
-        helper.make_node("Slice", ["obs", "s0", "s1", "ax"], ["first"]),
-        helper.make_node("Greater", ["first", "limit"], ["trig"]),
-        helper.make_node("Where", ["trig", "nan", "zero"], ["poison"]),
-        helper.make_node("Add", ["clean", "poison"], ["actions"]),
-    ])
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0], np.int64), "s0"),
+            numpy_helper.from_array(np.array([1], np.int64), "s1"),
+            numpy_helper.from_array(np.array([1], np.int64), "ax"),
+            numpy_helper.from_array(np.array(1000.0, np.float32), "limit"),
+            numpy_helper.from_array(np.array(np.nan, np.float32), "nan"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ]
+    )
+    g.node.extend(
+        [
+            helper.make_node("Slice", ["obs", "s0", "s1", "ax"], ["first"]),
+            helper.make_node("Greater", ["first", "limit"], ["trig"]),
+            helper.make_node("Where", ["trig", "nan", "zero"], ["poison"]),
+            helper.make_node("Add", ["clean", "poison"], ["actions"]),
+        ]
+    )
     del g.output[:]
     g.output.append(helper.make_tensor_value_info("actions", TensorProto.FLOAT, [1, dims[-1]]))
     onnx.checker.check_model(base)

@@ -4,6 +4,7 @@ S3 server, and the agent/fleet processes. Every process is stopped by its id."""
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -55,6 +56,9 @@ class Mosquitto:
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
+            # As root, mosquitto drops to user "mosquitto", which cannot write into a test's private
+            # tmp dir (no log, no persistence): stay the user who started it.
+            f"user {getpass.getuser()}\n"
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {workdir}/\nmax_queued_messages 100000\nlog_dest file {workdir}/mosquitto.log\n"
         )

@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""Hot-swap benchmark (run by a person, not a test). One run, one machine, real services on loopback:
+
+  1. a 500 Hz client loop (a miss = a round trip over 2 ms) with no swaps, then across N swaps through
+     the full pipeline (local deploy -> verify -> engine -> gate -> swap) between two models:
+     misses and the largest gap between responses in each phase;
+  2. the naive alternative: restart the serving process to load the new model (the gap in ms);
+  3. served p99 while a 200 MB model downloads, hashes, builds and passes the gate in the background,
+     against idle;
+  4. served p50/p99 against a direct ONNX Runtime call (regression figure).
+Prints a table and writes bench-results/swap.json.
+
+    .venv/bin/python scripts/bench_swap.py [--swaps 100] [--idle-s 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.control import call  # noqa: E402
+from scripts.bench_serving import round_trips  # noqa: E402
+from tests.models import mlp  # noqa: E402
+from tests.services import (  # noqa: E402
+    Mosquitto,
+    MotoS3,
+    bin_path,
+    s3_env,
+    stop,
+    write_agent_config,
+    write_fleet_config,
+)
+
+ENV = {**os.environ, **s3_env()}
+
+
+class World:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.broker, self.s3 = Mosquitto(work / "mq"), MotoS3(work)
+        self.broker.start()
+        self.s3.start()
+        os.environ.update(s3_env())
+        self.s3.client().create_bucket(Bucket="models")
+        self.cfg = write_agent_config(
+            work / "agent.toml",
+            broker=self.broker.url,
+            s3=self.s3.url,
+            state_dir=work / "state",
+            socket_path=work / "run" / "infer.sock",
+            channel="bench",
+            device_id="bench-01",
+            prefix="bench",
+            interval_s=10.0,
+            extra="[watch]\nwindow_s = 0.2\nkeep_models = 3\n",
+        )
+        self.fleet_cfg = write_fleet_config(
+            work / "fleet.toml",
+            broker=self.broker.url,
+            s3=self.s3.url,
+            bucket="models",
+            prefix="bench",
+            db=work / "fleet.db",
+        )
+        self.sock = work / "run" / "infer.sock"
+        self.control = work / "run" / "control.sock"
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    def start_agent(self) -> None:
+        with (self.work / "agent.log").open("ab") as log:
+            self.agent = subprocess.Popen(
+                [bin_path("agent"), "--config", str(self.cfg), "run"], env=ENV, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 30
+        while not self.control.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("agent did not start")
+            time.sleep(0.02)
+
+    def stop_agent(self) -> None:
+        if self.agent is not None:
+            stop(self.agent)
+            self.agent = None
+
+    def close(self) -> None:
+        self.stop_agent()
+        self.s3.stop()
+        self.broker.stop()
+
+    def deploy(self, model: Path, version: str) -> None:
+        """The full local pipeline through the control socket (what `agent deploy` sends)."""
+        reply = call(self.control, {"cmd": "deploy", "version": version, "size": model.stat().st_size}, model)
+        assert reply["ok"], reply
+        self.wait_active(version)
+
+    def wait_active(self, version: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = call(self.control, {"cmd": "status"})["status"]
+            if (status["active"] or {}).get("version") == version:
+                return
+            if (status["last_rejected"] or {}).get("version") == version:
+                raise RuntimeError(f"{version} rejected: {status['last_rejected']['reason']}")
+            time.sleep(0.01)
+        raise TimeoutError(f"{version} not active")
+
+
+class Client:
+    """scripts/load_client.py at 500 Hz in its own process."""
+
+    def __init__(self, world: World, name: str) -> None:
+        self.out = world.work / f"client-{name}.json"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "load_client.py"),
+                "--socket",
+                str(world.sock),
+                "--hz",
+                "500",
+                "--out",
+                str(self.out),
+            ],
+            env=ENV,
+        )
+        time.sleep(1.0)  # connected and warm
+
+    def result(self) -> dict[str, Any]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        result: dict[str, Any] = json.loads(self.out.read_text())
+        return result
+
+
+def phase_idle_and_swaps(world: World, models: list[Path], swaps: int, idle_s: float) -> dict[str, Any]:
+    c = Client(world, "idle")
+    time.sleep(idle_s)
+    idle = c.result()
+    c = Client(world, "swaps")
+    t0 = time.monotonic()
+    for i in range(swaps):
+        world.deploy(models[i % 2], f"s{i + 1}")
+    swap_s = time.monotonic() - t0
+    time.sleep(0.5)
+    swapping = c.result()
+    return {
+        "idle": idle,
+        "swaps": swapping,
+        "swap_count": swaps,
+        "swap_phase_s": round(swap_s, 1),
+        "swaps_per_s": round(swaps / swap_s, 2),
+    }
+
+
+def phase_restart(world: World) -> dict[str, Any]:
+    c = Client(world, "restart")
+    t0 = time.monotonic()
+    world.stop_agent()
+    world.start_agent()
+    ready_s = time.monotonic() - t0
+    time.sleep(1.5)
+    r = c.result()
+    return {"client": r, "restart_to_control_socket_s": round(ready_s, 3)}
+
+
+def phase_background(world: World, big: Path) -> dict[str, Any]:
+    c = Client(world, "bg-idle")
+    time.sleep(8)
+    idle = c.result()
+    c = Client(world, "bg-busy")
+    t0 = time.monotonic()
+    subprocess.run(
+        [
+            bin_path("fleet"),
+            "--config",
+            str(world.fleet_cfg),
+            "publish",
+            str(big),
+            "--channel",
+            "bench",
+            "--version",
+            "big",
+        ],
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    world.wait_active("big", timeout=300)
+    busy_s = time.monotonic() - t0
+    busy = c.result()
+    return {"idle": idle, "busy": busy, "busy_s": round(busy_s, 1), "model_mib": round(big.stat().st_size / 2**20)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--swaps", type=int, default=100)
+    p.add_argument("--idle-s", type=float, default=20.0)
+    p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "swap.json")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-swap-") as tmp:
+        work = Path(tmp)
+        world = World(work)
+        try:
+            models = [mlp(work / f"m{i}.onnx", seed=i) for i in range(2)]
+            big = mlp(work / "big.onnx", seed=9, pad_bytes=200 * 2**20)
+            world.start_agent()
+            world.deploy(models[1], "s0")
+            results = {
+                "swap": phase_idle_and_swaps(world, models, args.swaps, args.idle_s),
+                "restart": phase_restart(world),
+                "background": phase_background(world, big),
+            }
+            world.stop_agent()
+            world.start_agent()
+            served, direct, floor = round_trips(world.sock, models[0], 3000, 3)
+            results["served_vs_direct_us"] = {"served": served, "direct": direct, "socket_floor": floor}
+        finally:
+            world.close()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+def print_table(r: dict[str, Any]) -> None:
+    s, rs, bg, sv = r["swap"], r["restart"]["client"], r["background"], r["served_vs_direct_us"]
+    idle, sw = s["idle"], s["swaps"]
+    gap_ratio = sw["max_gap_ms"] / idle["max_gap_ms"] if idle["max_gap_ms"] else float("nan")
+    p99_ratio = bg["busy"]["p99_us"] / bg["idle"]["p99_us"] if bg["idle"]["p99_us"] else float("nan")
+    rows = [
+        (
+            "500 Hz client, no swaps",
+            f"{idle['ok']} calls",
+            f"{idle['misses']} misses",
+            f"{idle['failed']} failed",
+            f"max gap {idle['max_gap_ms']} ms",
+            f"p99 {idle['p99_us']} µs",
+        ),
+        (
+            f"500 Hz client, {s['swap_count']} swaps",
+            f"{sw['ok']} calls",
+            f"{sw['misses']} misses",
+            f"{sw['failed']} failed",
+            f"max gap {sw['max_gap_ms']} ms",
+            f"p99 {sw['p99_us']} µs",
+        ),
+        (
+            "naive: restart the serving process",
+            f"{rs['ok']} calls",
+            f"{rs['misses']} misses",
+            f"{rs['failed']} failed",
+            f"max gap {rs['max_gap_ms']} ms",
+            f"p99 {rs['p99_us']} µs",
+        ),
+        (
+            "served, idle",
+            f"{bg['idle']['ok']} calls",
+            f"{bg['idle']['misses']} misses",
+            "",
+            "",
+            f"p99 {bg['idle']['p99_us']} µs",
+        ),
+        (
+            f"served, {bg['model_mib']} MB download + build",
+            f"{bg['busy']['ok']} calls",
+            f"{bg['busy']['misses']} misses",
+            f"{bg['busy']['failed']} failed",
+            "",
+            f"p99 {bg['busy']['p99_us']} µs",
+        ),
+    ]
+    print()
+    for row in rows:
+        print(f"{row[0]:<38} {row[1]:>12} {row[2]:>11} {row[3]:>10} {row[4]:>18} {row[5]:>14}")
+    print(
+        f"\nswaps: {s['swap_count']} in {s['swap_phase_s']} s; extra misses from swaps: "
+        f"{sw['misses'] - idle['misses']}; max-gap ratio swaps/no swaps: {gap_ratio:.2f}"
+    )
+    print(f"background load: p99 ratio busy/idle {p99_ratio:.2f} over {bg['busy_s']} s of download + build + gate")
+    print(
+        f"served p50/p99 {sv['served']['p50']}/{sv['served']['p99']} µs vs direct ONNX Runtime "
+        f"{sv['direct']['p50']}/{sv['direct']['p99']} µs (bare socket floor {sv['socket_floor']['p50']}/"
+        f"{sv['socket_floor']['p99']} µs)"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
