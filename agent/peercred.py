@@ -73,5 +73,8 @@ def secure_socket(path: Path, group: str | None) -> None:
     if group and gid is None:
         log.warning("socket group %r does not exist; %s keeps the service's group", group, path)
     if gid is not None:
-        os.chown(path, -1, gid)
+        try:
+            os.chown(path, -1, gid)
+        except OSError as err:  # the service user must be a member of that group
+            log.warning("cannot give %s to group %r: %s", path, group, err)
     os.chmod(path, 0o660)
