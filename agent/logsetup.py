@@ -7,6 +7,7 @@ a `<N>` syslog priority prefix that journald parses. Anywhere else: timestamped 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -36,10 +37,10 @@ def journal_handler() -> logging.Handler | None:
     if os.environ.get(FORCE_FALLBACK_ENV) == "1":
         return None
     try:
-        from systemd.journal import JournalHandler  # type: ignore[import-not-found,unused-ignore]
+        journal = importlib.import_module("systemd.journal")
     except ImportError:
         return None
-    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="edge-agent")
+    handler: logging.Handler = journal.JournalHandler(SYSLOG_IDENTIFIER="edge-agent")
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     return handler
 

@@ -8,6 +8,7 @@ restarts the process."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ def _systemd_sender() -> Callable[[str], bool] | None:
     if os.environ.get(FORCE_FALLBACK_ENV) == "1":
         return None
     try:
-        from systemd import daemon  # type: ignore[import-not-found,unused-ignore]
+        daemon = importlib.import_module("systemd.daemon")
     except ImportError:
         return None
 

@@ -17,7 +17,7 @@ from cloud.config import FleetConfig, config_path, load
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load(config_path(args.config))
+        cfg = None if args.func is cmd_keygen else load(config_path(args.config))  # keygen needs no config
         return int(args.func(cfg, args))
     except AgentError as err:
         print(f"fleet: {err}", file=sys.stderr)
@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--channel", required=True)
     c.add_argument("--version", dest="model_version")
     c.add_argument("--golden", type=Path, help=".npz of inputs/<name> and outputs/<name> (README: Golden I/O)")
+    c.add_argument("--sign-key", type=Path, help="Ed25519 private key from `fleet keygen`: sign the announcement")
     c.set_defaults(func=cmd_publish)
+    c = sub.add_parser("keygen", help="make an Ed25519 signing key; prints the public key for agents' trusted_keys")
+    c.add_argument("key", type=Path, help="where to write the private key (PEM, mode 0600; never overwritten)")
+    c.set_defaults(func=cmd_keygen)
     c = sub.add_parser("collect", help="store device status, events and telemetry (long-running)")
     c.set_defaults(func=cmd_collect)
     c = sub.add_parser("status", help="one row per device")
@@ -52,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
     from cloud.publish import publish
 
-    ann = publish(cfg, args.model, args.channel, args.model_version, args.golden)
+    ann = publish(cfg, args.model, args.channel, args.model_version, args.golden, sign_key=args.sign_key)
     print(
         json.dumps(
             {
@@ -60,10 +64,23 @@ def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
                 "sequence": ann.sequence,
                 "issued_at": ann.issued_at,
                 "manifest": ann.manifest.to_json(),
+                "signature": ann.signature,
             },
             indent=2,
         )
     )
+    return 0
+
+
+def cmd_keygen(_cfg: FleetConfig | None, args: argparse.Namespace) -> int:
+    from agent.signing import generate, key_id, public_b64
+
+    public = generate(args.key)
+    pub = public_b64(public)
+    args.key.with_name(args.key.name + ".pub").write_text(pub + "\n")
+    print(f"wrote {args.key} (private, keep it on the publishing machine) and {args.key}.pub")
+    print(f"key id {key_id(public)}; on each robot, in /etc/edge-agent/agent.toml:")
+    print(f'[security]\ntrusted_keys = ["{pub}"]')
     return 0
 
 
