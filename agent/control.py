@@ -132,12 +132,15 @@ def call(path: Path, request: dict[str, Any], payload: Path | None = None, timeo
         sock.close()
         raise DaemonNotRunning(f"no permission to talk to the agent on {path} (join its group)") from err
     with sock, sock.makefile("rwb") as f:
-        f.write(json.dumps(request).encode() + b"\n")
-        if payload is not None:
-            with payload.open("rb") as src:
-                while block := src.read(1 << 20):
-                    f.write(block)
-        f.flush()
+        try:
+            f.write(json.dumps(request).encode() + b"\n")
+            if payload is not None:
+                with payload.open("rb") as src:
+                    while block := src.read(1 << 20):
+                        f.write(block)
+            f.flush()
+        except BrokenPipeError:
+            pass  # the daemon answered (a refusal) without reading the payload: its reply is below
         line = f.readline()
     if not line:
         raise DaemonNotRunning(f"the agent closed the control socket {path} without answering")
