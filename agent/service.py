@@ -18,7 +18,7 @@ from agent.inbox import Drop, Intake, Watcher
 from agent.lifecycle import ModelState
 from agent.notify import Notifier
 from agent.peercred import Authority, secure_socket
-from agent.protocol import Announcement, Manifest, ObjectRef, now
+from agent.protocol import Announcement, Manifest, ObjectRef, TensorSpec, now
 from agent.reload import Reloader
 from agent.signing import SignatureRejected, Trust
 
@@ -142,7 +142,8 @@ class Service:
 
     def _reject_drop(self, drop: Drop, reason: str) -> None:
         ref = ObjectRef("local", f"inbox/{drop.name}")
-        manifest = Manifest(drop.version, drop.actual_sha256, drop.size, ref, [], [], now())
+        unknown = [TensorSpec("(not read)", "float32", ())]  # a manifest lists I/O; this file had none to read
+        manifest = Manifest(drop.version, drop.actual_sha256, drop.size, ref, unknown, unknown, now())
         rec = self.d.store.add(manifest, self.d.cfg.channel, None, "local", f"dropped into the inbox as {drop.name}")
         self.d.transition(rec, ModelState.REJECTED, reason if reason.startswith("inbox") else f"inbox: {reason}")
 
