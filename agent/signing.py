@@ -118,5 +118,5 @@ class Trust:
         try:
             value = base64.b64decode(str(sig.get("value")), validate=True)
             key.verify(value, canonical(announcement))
-        except (binascii.Error, InvalidSignature) as err:
+        except (binascii.Error, ValueError, InvalidSignature) as err:
             raise SignatureRejected(f"signature: does not verify with key {sig['key_id']} (forged or altered)") from err
