@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdog.events import DirMovedEvent, FileClosedEvent, FileMovedEvent, FileSystemEventHandler
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.inotify import InotifyFullEmitter
+from watchdog.observers.inotify import InotifyObserver
 
 from agent.errors import RejectedModel
 
@@ -67,8 +66,8 @@ class Watcher:
     """One inotify observer for the inbox and the config file's directory."""
 
     def __init__(self, inbox: Path | None, config: Path | None, events: queue.Queue[tuple[Any, ...]]) -> None:
-        # InotifyFullEmitter reports a move from outside the folder as a move (not a create).
-        self.observer = BaseObserver(emitter_class=InotifyFullEmitter)
+        # Full events: a move from outside the folder is reported as a move, not as a create.
+        self.observer = InotifyObserver(generate_full_events=True)
         self.observer.name = "inbox-watch"
         handler = _Handler(inbox, config.resolve() if config else None, events)
         if inbox is not None:

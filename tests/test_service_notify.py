@@ -143,3 +143,33 @@ def test_watchdog_pid_for_another_process_is_ignored() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
     time.sleep(0)
+
+
+@pytest.mark.integration
+def test_logs_to_journald_stream_with_priorities(tmp_path: Path) -> None:
+    """Under systemd, stderr is journald's stream (JOURNAL_STREAM names it): without
+    systemd-python the agent writes `<N>` priority prefixes, which journald turns into levels."""
+    import os
+
+    cfg = offline_config(tmp_path)
+    log = cfg.parent / "agent.log"
+    log.touch()
+    st = os.stat(log)
+    env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", "EDGE_AGENT_NOTIFY_FALLBACK": "1"}
+    with agent_process(cfg, env) as proc:
+        from tests.conftest import wait_for
+
+        wait_for(lambda: "serving on" in log.read_text(), 20, "the agent serving")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    lines = log.read_text().splitlines()
+    assert any(line.startswith("<6>agent.daemon: agent ") for line in lines), lines[:5]
+    assert all(line.startswith("<") for line in lines if line), lines
+
+
+def test_journal_handler_with_systemd_python() -> None:
+    pytest.importorskip("systemd.journal", reason="systemd-python is not installed")
+    from agent.logsetup import journal_handler
+
+    handler = journal_handler()
+    assert handler is not None and type(handler).__name__ == "JournalHandler"
