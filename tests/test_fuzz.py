@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from agent import wire
 from agent.config import AgentConfig, load
 from agent.control import ControlServer
-from agent.errors import AgentError, ConfigError, ProtocolError
+from agent.errors import AgentError, ConfigError, ProtocolError, RejectedModel
+from agent.inbox import Intake
 from agent.peercred import Authority
 from agent.protocol import Announcement, Manifest, decode
 from agent.signing import SignatureRejected, Trust
@@ -183,6 +184,32 @@ def test_fuzz_config_text(tmp_path: Path) -> None:
         count()
         path.write_text(text, errors="surrogatepass")
         _only((ConfigError,), lambda: load(path))
+
+    run()
+    count.report()
+
+
+def test_fuzz_inbox_sidecars(tmp_path: Path) -> None:
+    count = Count("drop-folder sidecars (.sha256, .json)")
+    inbox, incoming = tmp_path / "inbox", tmp_path / "incoming"
+    inbox.mkdir()
+    intake = Intake(inbox, incoming)
+    sidecar = st.binary(max_size=100) | json_values.map(lambda v: json.dumps(v).encode())
+
+    @FUZZ
+    @given(st.none() | sidecar, st.none() | sidecar)
+    def run(sha_file: bytes | None, json_file: bytes | None) -> None:
+        count()
+        (inbox / "m.onnx").write_bytes(b"model bytes")
+        if sha_file is not None:
+            (inbox / "m.onnx.sha256").write_bytes(sha_file)
+        if json_file is not None:
+            (inbox / "m.json").write_bytes(json_file)
+        drop = intake.take(inbox / "m.onnx")
+        assert drop is not None
+        _only((RejectedModel,), lambda: intake.verify(drop))
+        drop.part.unlink(missing_ok=True)
+        assert list(inbox.iterdir()) == [] and list(incoming.iterdir()) == []
 
     run()
     count.report()

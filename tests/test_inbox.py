@@ -71,3 +71,16 @@ def test_drop_folder(tmp_path: Path) -> None:
         outside.rename(inbox / "m.onnx")
         _wait_active(cfg, "moved-v2")
         assert sorted(p.name for p in inbox.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_files_dropped_while_stopped_are_checked_at_start(tmp_path: Path) -> None:
+    cfg = offline_config(tmp_path)
+    inbox = tmp_path / "state" / "inbox"
+    inbox.mkdir(parents=True)
+    model = mlp(tmp_path / "m.onnx", seed=3).read_bytes()
+    (inbox / "early.onnx").write_bytes(model)
+    (inbox / "broken.onnx").write_bytes(model[:100])
+    with agent_process(cfg, {}):
+        _wait_active(cfg, "early")
+        assert "not a valid ONNX model" in _wait_rejected(cfg, "broken")
