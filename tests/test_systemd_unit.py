@@ -34,7 +34,10 @@ def test_unit_has_what_the_issue_asks() -> None:
                  "RuntimeDirectory=", "ConfigurationDirectory=", "CacheDirectory=", "OOMScoreAdjust=-",
                  "ProtectSystem=strict", "NoNewPrivileges=yes", "ProtectHome=yes", "PrivateTmp=yes"):
         assert line in text, line
-    assert not re.search(r"^PrivateDevices=\s*(yes|true|1)", text, re.M)  # hides /dev/nvhost-*
+    # Both close the GPU's devices: PrivateDevices hides /dev/nvhost-*; ProtectClock implies a
+    # DeviceAllow= (before systemd 253), which denies every device not listed.
+    for setting in ("PrivateDevices", "ProtectClock", "DeviceAllow", "DevicePolicy"):
+        assert not re.search(rf"^{setting}=", text, re.M), setting
     assert "notify-reload" not in text  # JetPack 6 has systemd 249
 
 
