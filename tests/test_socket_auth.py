@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import mlp, wait_for
 from tests.svc_helpers import agent_cli, agent_process, offline_config
 
+
 def _groups_exist(*names: str) -> bool:
     try:
         for n in names:
