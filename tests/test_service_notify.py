@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,58 @@ def test_ready_status_watchdog_reload_stopping(tmp_path: Path, notify_dir: Path,
         ns.close()
 
 
+class _Served:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.errors: list[str] = []
+
+
+@contextmanager
+def _serving_during(cfg: Path) -> Iterator[_Served]:
+    """Deploy a model through the drop folder, then run inferences on one connection until the
+    block ends (errors after the agent is stopped are expected: read them before)."""
+    import threading
+
+    import numpy as np
+
+    from agent.client import Policy
+    from tests.conftest import mlp, wait_for
+
+    served = _Served()
+    inbox = cfg.parent / "state" / "inbox"
+    wait_for(inbox.is_dir, 20, "the inbox")
+    model = mlp(cfg.parent / "m.onnx")
+    model.rename(inbox / "served.onnx")
+    control = cfg.parent / "run" / "control.sock"
+    wait_for(lambda: (call(control, {"cmd": "status"})["status"]["active"] or {}).get("version") == "served",
+             30, "the model active")
+    stop = threading.Event()
+    policy = Policy(cfg.parent / "run" / "infer.sock")
+    x = np.zeros((1, 48), np.float32)
+    policy(x)
+    first = policy._sock
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                policy(x)
+                if policy._sock is not first:
+                    served.errors.append("reconnected")
+                served.calls += 1
+            except Exception as err:
+                served.errors.append(repr(err))
+                return
+
+    t = threading.Thread(target=loop, name="controller")
+    t.start()
+    try:
+        yield served
+    finally:
+        stop.set()
+        t.join(5)
+        policy.close()
+
+
 @pytest.mark.integration
 def test_invalid_config_reload_keeps_the_old_one(tmp_path: Path, notify_dir: Path) -> None:
     ns = NotifySocket(notify_dir / "notify")
@@ -82,7 +135,7 @@ def test_invalid_config_reload_keeps_the_old_one(tmp_path: Path, notify_dir: Pat
     good = cfg.read_text()
     try:
         env = {"NOTIFY_SOCKET": ns.address, "EDGE_AGENT_NOTIFY_FALLBACK": "1"}
-        with agent_process(cfg, env) as proc:
+        with agent_process(cfg, env) as proc, _serving_during(cfg) as served:
             ns.wait_for("READY")
             cfg.write_text("bogus_key = 1\n" + good)  # the file watch reloads, like SIGHUP
             ns.wait_for("RELOADING")
@@ -95,10 +148,14 @@ def test_invalid_config_reload_keeps_the_old_one(tmp_path: Path, notify_dir: Pat
             ns.wait_for("RELOADING")
             ok = ns.wait_for("READY")
             assert "config reload failed" not in ok["STATUS"]
+            calls_before_stop, errors_before_stop = served.calls, list(served.errors)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         log = (cfg.parent / "agent.log").read_text()
         assert "config reloaded: log_level" in log
+        # The controller's connection saw both reloads without an error or a reconnect.
+        print(f"{calls_before_stop} inferences on one connection across two reloads")
+        assert calls_before_stop > 0 and errors_before_stop == []
     finally:
         ns.close()
 
