@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -71,13 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_run(cfg: AgentConfig, _args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=cfg.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
+    from agent import logsetup
     from agent.daemon import Daemon
 
-    return Daemon(cfg).run()
+    logsetup.setup(cfg.log_level)
+    return Daemon(cfg, config_file=config_path(args.config)).run()
 
 
 def _ask(cfg: AgentConfig, request: dict[str, Any], payload: Path | None = None) -> dict[str, Any]:

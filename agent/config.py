@@ -90,6 +90,27 @@ class WatchConfig:
 
 
 @dataclass
+class SecurityConfig:
+    # Ed25519 public keys (base64, from `fleet keygen`). When any is listed, an announcement must
+    # carry a valid signature by one of them; more than one = key rotation.
+    trusted_keys: list[str] = field(default_factory=list)
+    admin_group: str = "edge-agent-admin"  # deploy/rollback/pin/activate need it (or root)
+    socket_group: str | None = None  # chgrp the sockets (default: the service's primary group)
+
+    def check(self) -> None:
+        from agent.signing import parse_public_key
+
+        for i, key in enumerate(self.trusted_keys):
+            parse_public_key(key, f"security.trusted_keys[{i}]")
+
+
+@dataclass
+class InboxConfig:
+    enabled: bool = True
+    path: Path | None = None  # default: <state_dir>/inbox
+
+
+@dataclass
 class AgentConfig:
     channel: str
     state_dir: Path
@@ -106,6 +127,8 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    inbox: InboxConfig = field(default_factory=InboxConfig)
 
     def check(self) -> None:
         if not self.channel or "/" in self.channel or "+" in self.channel or "#" in self.channel:
@@ -119,6 +142,8 @@ class AgentConfig:
             raise ConfigError(f"device_id: must not contain / + #, got {self.device_id!r}")
         if self.control_socket is None:
             self.control_socket = self.socket.parent / "control.sock"
+        if self.inbox.path is None:
+            self.inbox.path = self.state_dir / "inbox"
 
     @property
     def control_path(self) -> Path:

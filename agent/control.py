@@ -18,17 +18,26 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import DaemonNotRunning
+from agent.peercred import Authority, peer_of
 
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT_S = 30.0
+DEBUG_HANG_ENV = "EDGE_AGENT_DEBUG_HANG"  # "1" enables the `debug-hang` request (tests only)
 
 
 class ControlServer:
-    def __init__(self, path: Path, incoming: Path, events: queue.Queue[tuple[Any, ...]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        incoming: Path,
+        events: queue.Queue[tuple[Any, ...]],
+        authority: Authority | None = None,
+    ) -> None:
         self.path = path
         self.incoming = incoming
         self.events = events
+        self.authority = authority
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -67,15 +76,26 @@ class ControlServer:
         with conn, conn.makefile("rwb") as f:
             try:
                 request = json.loads(f.readline(1 << 16) or b"null")
-                if not isinstance(request, dict) or "cmd" not in request:
-                    raise ValueError("a request is a JSON object with a 'cmd'")
-                if request["cmd"] == "deploy":
-                    request["path"] = str(self._receive(f, int(request["size"])))
-                reply = self._ask(request)
-            except (ValueError, OSError, KeyError) as err:
-                reply = {"ok": False, "error": str(err)}
+                if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                    raise ValueError("a request is a JSON object with a string 'cmd'")
+                refusal = self.authority.refusal(peer_of(conn), request["cmd"]) if self.authority else None
+                reply = {"ok": False, "error": refusal, "denied": True} if refusal else self._handle(f, request)
+            except (ValueError, OSError, KeyError, TypeError, RecursionError) as err:
+                reply = {"ok": False, "error": f"bad request: {err}"}
             f.write(json.dumps(reply).encode() + b"\n")
             f.flush()
+
+    def _handle(self, f: Any, request: dict[str, Any]) -> dict[str, Any]:
+        if request["cmd"] == "deploy":
+            size = request.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ValueError("deploy needs 'size': the byte count that follows")
+            request["path"] = str(self._receive(f, size))
+        elif request["cmd"] == "debug-hang" and os.environ.get(DEBUG_HANG_ENV) == "1":
+            # Test hook: blocks the coordinator thread so that the watchdog pings stop.
+            self.events.put(("debug-hang", float(request.get("seconds", 3600))))
+            return {"ok": True}
+        return self._ask(request)
 
     def _receive(self, f: Any, size: int) -> Path:
         part = self.incoming / f"{uuid.uuid4().hex}.part"
@@ -112,12 +132,15 @@ def call(path: Path, request: dict[str, Any], payload: Path | None = None, timeo
         sock.close()
         raise DaemonNotRunning(f"no permission to talk to the agent on {path} (join its group)") from err
     with sock, sock.makefile("rwb") as f:
-        f.write(json.dumps(request).encode() + b"\n")
-        if payload is not None:
-            with payload.open("rb") as src:
-                while block := src.read(1 << 20):
-                    f.write(block)
-        f.flush()
+        try:
+            f.write(json.dumps(request).encode() + b"\n")
+            if payload is not None:
+                with payload.open("rb") as src:
+                    while block := src.read(1 << 20):
+                        f.write(block)
+            f.flush()
+        except BrokenPipeError:
+            pass  # the daemon answered (a refusal) without reading the payload: its reply is below
         line = f.readline()
     if not line:
         raise DaemonNotRunning(f"the agent closed the control socket {path} without answering")

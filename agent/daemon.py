@@ -7,7 +7,6 @@ import fcntl
 import logging
 import os
 import queue
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ OUTBOX_BATCH = 50
 
 
 class Daemon:
-    def __init__(self, cfg: AgentConfig, backend: Backend | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, backend: Backend | None = None, config_file: Path | None = None) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_prefix)
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -74,8 +73,9 @@ class Daemon:
         )
         self.behavioural: list[BehaviouralCheck] = []  # filled by the Go2 stack (sim rollout)
         from agent.control import ControlServer
+        from agent.service import Service
 
-        self.control = ControlServer(cfg.control_path, cfg.state_dir / "incoming", self.events)
+        self.control = ControlServer(cfg.control_path, cfg.state_dir / "incoming", self.events, Service.authority(cfg))
         self.status = StatusBuilder(self)
         self.working: Candidate | None = None
         self.waiting: list[Candidate] = []
@@ -86,14 +86,14 @@ class Daemon:
         self.stopping = False
         self.started_at = time.time()
         self._next_telemetry = time.monotonic() + cfg.telemetry.interval_s
+        self.service = Service(self, config_file)
 
     # -- life ------------------------------------------------------------------------------------
     def run(self) -> int:
         # A thread that wants the GIL waits up to the switch interval (5 ms by default) while another
         # runs Python code: keep the serving thread's worst case well under a 2 ms control period.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        signal.signal(signal.SIGTERM, lambda *_: self.events.put(("stop",)))
-        signal.signal(signal.SIGINT, lambda *_: self.events.put(("stop",)))
+        self.service.install_signal_handlers()
         self._restore_active()
         self.server.start()
         self.control.start()
@@ -108,12 +108,15 @@ class Daemon:
             self.backend.name,
             self.backend.version(),
         )
+        self.service.started()
         while not self.stopping:
             try:
-                event = self.events.get(timeout=TICK_S)
+                event = self.events.get(timeout=min(TICK_S, self.service.notifier.interval or TICK_S))
             except queue.Empty:
                 event = ("tick",)
             try:
+                for signalled in self.service.take_signals():
+                    self._dispatch(signalled)
                 self._dispatch(event)
                 self._periodic()
             except Exception:  # a bug in one event must not take serving down with it
@@ -123,6 +126,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         log.info("stopping")
+        self.service.stopping()
         self.pipeline.cancel.set()
         self.control.stop()
         self.link.stop(self.topics.status(self.cfg.device_id), encode(self._offline_status()))
@@ -154,10 +158,13 @@ class Daemon:
             self._on_pipeline_done(event[1], event[2], event[3], event[4])
         elif kind == "control":
             event[2].put(self._on_control(event[1]))
+        elif kind in self.service.KINDS:
+            self.service.dispatch(event)
 
     def _periodic(self) -> None:
         self.server.drain()
         self.activation.tick()
+        self.service.tick()
         self._drain_outbox()
         if time.monotonic() >= self._next_telemetry:
             self._next_telemetry += self.cfg.telemetry.interval_s
@@ -172,7 +179,8 @@ class Daemon:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:
-            ann = Announcement.from_json(decode(payload, "announcement"))
+            raw = decode(payload, "announcement")
+            ann = Announcement.from_json(raw)
             if ann.channel != self.cfg.channel or topic != self.topics.announce(ann.channel):
                 raise ProtocolError(f"announcement for channel {ann.channel!r} on topic {topic}")
         except ProtocolError as err:
@@ -180,6 +188,8 @@ class Daemon:
             self.last_ignored = f"{topic}: {err}"
             log.warning("ignored a payload on %s: %s", topic, err)
             self.emit("payload_ignored", topic=topic, reason=str(err))
+            return
+        if self.service.rejects(raw, ann):
             return
         self._on_announcement(ann)
 

@@ -266,7 +266,10 @@ def _num(obj: dict[str, Any], key: str) -> float:
     v = obj.get(key)
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         raise ProtocolError(f"{key} must be a number")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError as err:
+        raise ProtocolError(f"{key} is out of range") from err
 
 
 def _list(obj: dict[str, Any], key: str) -> list[Any]:

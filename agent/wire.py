@@ -55,6 +55,14 @@ def _tensor_head(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> tuple[by
 
 
 def unpack_tensors(buf: memoryview, off: int) -> dict[str, np.ndarray]:
+    """ProtocolError on any malformed input (short, bad utf-8 name, shape/data mismatch)."""
+    try:
+        return _unpack_tensors(buf, off)
+    except (struct.error, UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError(f"malformed tensors: {err}") from err
+
+
+def _unpack_tensors(buf: memoryview, off: int) -> dict[str, np.ndarray]:
     (count,) = _U16.unpack_from(buf, off)
     off += 2
     out: dict[str, np.ndarray] = {}

@@ -17,7 +17,7 @@ from cloud.config import FleetConfig, config_path, load
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load(config_path(args.config))
+        cfg = None if args.func is cmd_keygen else load(config_path(args.config))  # keygen needs no config
         return int(args.func(cfg, args))
     except AgentError as err:
         print(f"fleet: {err}", file=sys.stderr)
@@ -38,11 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-budget-us", type=int, help="the gate's p99 budget for this model (default: the device's)")
     c.add_argument("--golden-atol", type=float, help="absolute tolerance against the golden outputs")
     c.add_argument("--golden-rtol", type=float, help="relative tolerance against the golden outputs")
+    c.add_argument("--sign-key", type=Path, help="Ed25519 private key from `fleet keygen`: sign the announcement")
     c.set_defaults(func=cmd_publish)
     c = sub.add_parser("rollback", help="announce an earlier version again (a new sequence number)")
     c.add_argument("--channel", required=True)
     c.add_argument("--to", required=True, dest="to_version", metavar="VERSION")
+    c.add_argument("--sign-key", type=Path, help="Ed25519 private key from `fleet keygen`: sign the announcement")
     c.set_defaults(func=cmd_rollback)
+    c = sub.add_parser("keygen", help="make an Ed25519 signing key; prints the public key for agents' trusted_keys")
+    c.add_argument("key", type=Path, help="where to write the private key (PEM, mode 0600; never overwritten)")
+    c.set_defaults(func=cmd_keygen)
     c = sub.add_parser("collect", help="store device status, events and telemetry (long-running)")
     c.set_defaults(func=cmd_collect)
     c = sub.add_parser("status", help="one row per device")
@@ -68,7 +73,7 @@ def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
         )
         if v is not None
     }
-    ann = publish(cfg, args.model, args.channel, args.model_version, args.golden, extra)
+    ann = publish(cfg, args.model, args.channel, args.model_version, args.golden, extra, sign_key=args.sign_key)
     _print_announcement(ann)
     return 0
 
@@ -76,7 +81,7 @@ def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
 def cmd_rollback(cfg: FleetConfig, args: argparse.Namespace) -> int:
     from cloud.publish import rollback
 
-    _print_announcement(rollback(cfg, args.channel, args.to_version))
+    _print_announcement(rollback(cfg, args.channel, args.to_version, sign_key=args.sign_key))
     return 0
 
 
@@ -88,10 +93,23 @@ def _print_announcement(ann: Any) -> None:
                 "sequence": ann.sequence,
                 "issued_at": ann.issued_at,
                 "manifest": ann.manifest.to_json(),
+                "signature": ann.signature,
             },
             indent=2,
         )
     )
+
+
+def cmd_keygen(_cfg: FleetConfig | None, args: argparse.Namespace) -> int:
+    from agent.signing import generate, key_id, public_b64
+
+    public = generate(args.key)
+    pub = public_b64(public)
+    args.key.with_name(args.key.name + ".pub").write_text(pub + "\n")
+    print(f"wrote {args.key} (private, keep it on the publishing machine) and {args.key}.pub")
+    print(f"key id {key_id(public)}; on each robot, in /etc/edge-agent/agent.toml:")
+    print(f'[security]\ntrusted_keys = ["{pub}"]')
+    return 0
 
 
 def cmd_collect(cfg: FleetConfig, _args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ S3 layout (one bucket):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -38,6 +39,7 @@ def publish(
     version: str | None,
     golden: Path | None,
     extra: dict[str, Any] | None = None,
+    sign_key: Path | None = None,
 ) -> Announcement:
     try:
         proto = check_onnx(model)
@@ -77,10 +79,10 @@ def publish(
         Body=json.dumps(manifest.to_json(), indent=2).encode(),
         ContentType="application/json",
     )
-    return announce(cfg, s3, channel, manifest)
+    return announce(cfg, s3, channel, manifest, sign_key)
 
 
-def announce(cfg: FleetConfig, s3: Any, channel: str, manifest: Manifest) -> Announcement:
+def announce(cfg: FleetConfig, s3: Any, channel: str, manifest: Manifest, sign_key: Path | None = None) -> Announcement:
     """Sequence = max(last + 1, now in ms): grows even if the channel record were lost."""
     latest_key = f"channels/{channel}/latest.json"
     last = _read_json(s3, cfg.s3.bucket, latest_key)
@@ -88,6 +90,10 @@ def announce(cfg: FleetConfig, s3: Any, channel: str, manifest: Manifest) -> Ann
     ann = Announcement(
         channel=channel, sequence=max(last_seq + 1, int(time.time() * 1000)), issued_at=time.time(), manifest=manifest
     )
+    if sign_key is not None:
+        from agent.signing import load_private, sign
+
+        ann = dataclasses.replace(ann, signature=sign(ann.to_json(), load_private(sign_key)))
     payload = encode(ann.to_json())
     s3.put_object(Bucket=cfg.s3.bucket, Key=latest_key, Body=payload, ContentType="application/json")
     send_retained(cfg, Topics(cfg.mqtt.topic_prefix).announce(channel), payload)
@@ -154,11 +160,11 @@ def _read_json(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
     return result
 
 
-def rollback(cfg: FleetConfig, channel: str, version: str) -> Announcement:
+def rollback(cfg: FleetConfig, channel: str, version: str, sign_key: Path | None = None) -> Announcement:
     """Announce an earlier version again, with a new sequence number: every device follows it,
     downloading it again where it no longer stores it."""
     s3 = s3_client(cfg.s3.endpoint_url, cfg.s3.region)
     data = _read_json(s3, cfg.s3.bucket, f"manifests/{channel}/{version}.json")
     if data is None:
         raise PublishError(f"no version {version!r} was published on channel {channel!r}")
-    return announce(cfg, s3, channel, Manifest.from_json(data))
+    return announce(cfg, s3, channel, Manifest.from_json(data), sign_key)
