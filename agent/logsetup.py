@@ -14,6 +14,7 @@ import sys
 
 from agent.notify import FORCE_FALLBACK_ENV
 
+_QUIET = ("watchdog", "botocore", "boto3", "s3transfer", "urllib3")
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
@@ -60,4 +61,8 @@ def setup(level: str) -> str:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Libraries stay at WARNING even at log_level = "debug": watchdog logs every inotify event, and
+    # the drop folder / config watcher sit beside the log file in many setups (a feedback loop).
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(max(root.level, logging.WARNING))
     return where
