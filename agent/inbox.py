@@ -13,12 +13,14 @@ does the work (`Intake.take`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import queue
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,9 @@ class Drop:
     problem: str = ""  # a sidecar that could not be read
 
 
+SETTLED_S = 2.0  # a file untouched this long is not being written
+
+
 class Intake:
     """Coordinator side: move a dropped file out of the inbox and check its sidecar hash."""
 
@@ -104,9 +109,17 @@ class Intake:
         self.inbox = inbox
         self.incoming = incoming
 
-    def existing(self) -> list[Path]:
-        """Models left in the inbox while the agent was down (complete or not: the checks decide)."""
-        return sorted(p for p in self.inbox.glob(f"*{MODEL_SUFFIX}") if is_model_name(p.name))
+    def existing(self, settled_s: float = SETTLED_S) -> list[Path]:
+        """Models left in the inbox while the agent was down (complete or not: the checks decide).
+        A file modified in the last `settled_s` may still be being written: its close event will
+        come (the watcher runs already), or a later rescan takes it."""
+        now = time.time()
+        found = []
+        for p in sorted(self.inbox.glob(f"*{MODEL_SUFFIX}")):
+            with contextlib.suppress(FileNotFoundError):
+                if is_model_name(p.name) and now - p.stat().st_mtime >= settled_s:
+                    found.append(p)
+        return found
 
     def take(self, path: Path) -> Drop | None:
         if path.parent != self.inbox or not path.is_file() or path.is_symlink():

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
-from agent.inbox import Drop, Intake, Watcher
+from agent.inbox import SETTLED_S, Drop, Intake, Watcher
 from agent.lifecycle import ModelState
 from agent.notify import Notifier
 from agent.peercred import Authority, secure_socket
@@ -35,6 +35,7 @@ class Service:
         self.d = daemon
         cfg = daemon.cfg
         self.notifier = Notifier()
+        self._rescan_at = 0.0
         self.trust = Trust(cfg.security.trusted_keys)
         self.reloader = Reloader(config_file, cfg, self._apply)
         inbox = cfg.inbox.path if cfg.inbox.enabled else None
@@ -67,15 +68,22 @@ class Service:
             secure_socket(path, self.d.cfg.security.socket_group)
         if self.watcher is not None:
             self.watcher.start()
-        if self.intake is not None:
-            for path in self.intake.existing():
-                self.d.events.put(("inbox", str(path)))
+        self._scan_inbox()
+        self._rescan_at = time.monotonic() + 2 * SETTLED_S  # files that were still settling
         self.notifier.ready(self.status_line())
         if self.notifier.enabled:
             log.info("notified systemd via %s (watchdog ping every %s s)", self.notifier.via, self.notifier.interval)
 
     def tick(self) -> None:
         self.notifier.tick(self.status_line)
+        if self._rescan_at and time.monotonic() >= self._rescan_at:
+            self._rescan_at = 0.0
+            self._scan_inbox()
+
+    def _scan_inbox(self) -> None:
+        if self.intake is not None:
+            for path in self.intake.existing():
+                self.d.events.put(("inbox", str(path)))
 
     def stopping(self) -> None:
         self.notifier.stopping()
