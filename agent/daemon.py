@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, enginecache
+from agent.build import protect_daemon
 from agent.config import AgentConfig
 from agent.engines import Backend, select_backend
 from agent.errors import AgentError, ProtocolError, RejectedModel
@@ -23,7 +24,9 @@ from agent.link import Link
 from agent.onnxinfo import check_onnx, signature
 from agent.pipeline import ActiveContract, Candidate, Pipeline
 from agent.protocol import Announcement, Manifest, ObjectRef, Topics, decode, encode, new_event, now
+from agent.provision import Provisioner
 from agent.serve import InferenceServer, ServedModel
+from agent.share import EngineShare
 from agent.status import StatusBuilder
 from agent.store import ModelRecord, Store
 from agent.telemetry import LatencyRecorder
@@ -42,7 +45,7 @@ class Daemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(cfg.state_dir / "agent.lock")
         self.store = Store(cfg.state_dir)
-        self.backend = backend or select_backend(cfg.backend)
+        self.backend = backend or select_backend(cfg.backend, cfg.build.workspace_mb, cfg.build.fp16)
         self.recorder = LatencyRecorder()
         self.server = InferenceServer(cfg.socket, self.recorder)
         self.link = Link(
@@ -56,6 +59,9 @@ class Daemon:
             cfg.disk_reserve_mb * 2**20,
             self._report_stage,
             self._report_progress,
+            self._provisioner(),
+            lambda rid, info: self.events.put(("build-progress", rid, info)),
+            lambda kind, fields: self.events.put(("emit", kind, fields)),
         )
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         from agent.control import ControlServer
@@ -65,6 +71,7 @@ class Daemon:
         self.working: Candidate | None = None
         self.waiting: list[Candidate] = []
         self.progress: dict[int, tuple[int, int]] = {}
+        self.build_progress: dict[int, dict[str, Any]] = {}  # record id -> the running build's info
         self.inflight: dict[int, int] = {}  # MQTT message id -> outbox row
         self.ignored_payloads = 0
         self.last_ignored = ""
@@ -76,6 +83,7 @@ class Daemon:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.events.put(("stop",)))
         signal.signal(signal.SIGINT, lambda *_: self.events.put(("stop",)))
+        protect_daemon()
         self._restore_active()
         self.server.start()
         self.control.start()
@@ -129,6 +137,10 @@ class Daemon:
             self._apply_stage(*event[1:])
         elif kind == "progress":
             self.progress[event[1]] = (event[2], event[3])
+        elif kind == "build-progress":
+            self._on_build_progress(event[1], event[2])
+        elif kind == "emit":
+            self.emit(event[1], **event[2])
         elif kind == "pipeline-done":
             self._on_pipeline_done(event[1], event[2], event[3])
         elif kind == "control":
@@ -187,6 +199,7 @@ class Daemon:
             self._start(cand)
         else:
             self.waiting.append(cand)
+            self.pipeline.supersede(self.working.record_id, cand.manifest.version)
 
     def _start(self, cand: Candidate) -> None:
         self.working = cand
@@ -222,6 +235,7 @@ class Daemon:
     def _on_pipeline_done(self, cand: Candidate, served: ServedModel | None, error: str) -> None:
         self.working = None
         self.progress.pop(cand.record_id, None)
+        self.build_progress.pop(cand.record_id, None)
         rec = self.store.get(cand.record_id)
         if served is None:
             if not rec.state.terminal:
@@ -246,6 +260,19 @@ class Daemon:
         if previous is not None and previous.id != rec.id:
             self.transition(previous, ModelState.RETIRED, f"replaced by {rec.version}")
 
+    def _on_build_progress(self, record_id: int, info: dict[str, Any]) -> None:
+        """Status shows every update; the cloud gets an event when the build enters a new stage."""
+        previous = self.build_progress.get(record_id)
+        self.build_progress[record_id] = info
+        if previous is None or previous["stage"] != info["stage"]:
+            self.emit("build_progress", model_id=record_id, **info)
+
+    def _provisioner(self) -> Provisioner:
+        share = None
+        if self.cfg.share.enabled:
+            share = EngineShare(self._s3_client(), self.cfg.share, self.cfg.device_id)
+        return Provisioner(self.store, self.backend, self.cfg.build, share, self.cfg.device_id)
+
     def _active_contract(self) -> ActiveContract | None:
         model = self.server.model
         if model is None:
@@ -259,7 +286,11 @@ class Daemon:
         if rec is None or rec.engine_key is None:
             return
         try:
-            engine = self.backend.load(self.store.engine_path(rec.engine_key))
+            path = self.store.engine_path(rec.engine_key)
+            problem = enginecache.problem(path, rec.engine_key)
+            if problem is not None:
+                raise AgentError(f"engine {rec.engine_key} fails its check: {problem}")
+            engine = self.backend.load(path)
         except Exception as err:
             log.error("the active model %s does not load from its engine: %s", rec.version, err)
             self.transition(rec, ModelState.ROLLED_BACK, f"engine does not load after restart: {err}")
