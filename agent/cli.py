@@ -19,6 +19,8 @@ EXIT_NOT_RUNNING = 3  # as `systemctl status` says of a stopped unit
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.func is cmd_doctor:  # doctor reports an invalid config as one of its checks
+        return cmd_doctor(config_path(args.config), args)
     try:
         cfg = load(config_path(args.config))
         return int(args.func(cfg, args))
@@ -51,7 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--version", dest="model_version", default="")
     c.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the outcome (0: don't)")
     c.set_defaults(func=cmd_deploy)
+    c = sub.add_parser("doctor", help="check this machine: TensorRT/CUDA, GPU, memory, disk, state dir, broker, S3")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_doctor)
     return p
+
+
+def cmd_doctor(config_file: Path, args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    checks = doctor.run_doctor(config_file)
+    print(json.dumps(doctor.to_json(checks), indent=2) if args.json else doctor.format_text(checks))
+    return doctor.exit_code(checks)
 
 
 def cmd_run(cfg: AgentConfig, _args: argparse.Namespace) -> int:

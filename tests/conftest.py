@@ -19,8 +19,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.services import (
-    MotoS3,
     Mosquitto,
+    MotoS3,
     bin_path,
     s3_env,
     stop,
