@@ -19,8 +19,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.services import (
-    Mosquitto,
     MotoS3,
+    Mosquitto,
     bin_path,
     s3_env,
     stop,
