@@ -116,6 +116,10 @@ def format_status(s: dict[str, Any]) -> str:
     if p:
         pct = f" {100 * p['downloaded_bytes'] / p['total_bytes']:.0f}%" if p["total_bytes"] else ""
         lines.append(f"  pending   {p['version']}: {p['stage']}{pct} ({p['reason']})")
+        b = p.get("build")
+        if b:
+            done = f" {b['percent']:.0f}%" if b["percent"] is not None else ""
+            lines.append(f"  build     {b['stage']}{done}, {b['elapsed_s']:.0f} s so far (pid {b['pid']})")
     if r:
         lines.append(f"  rejected  {r['version']} at {_when(r['at'])}: {r['reason']}")
     lines.append(

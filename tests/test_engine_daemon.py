@@ -144,3 +144,16 @@ def test_two_agents_share_one_engine_through_s3(fleet: Fleet, tmp_path: Path) ->
     assert len(build_events(fleet)) == 1
     listed = fleet.s3.client().list_objects_v2(Bucket=fleet.bucket, Prefix="engines/").get("Contents", [])
     assert sorted(o["Key"].rsplit("/", 1)[-1].split(".")[-1] for o in listed) == ["engine", "json"]
+
+
+def test_a_newer_model_cancels_the_build_it_supersedes(fleet: Fleet, tmp_path: Path) -> None:
+    cfg = fleet.agent_config()
+    agent = fleet.start_agent(cfg)
+    fleet.publish(mlp(tmp_path / "v1.onnx", seed=1), "v1")
+    child = build_child(agent)
+    os.kill(child, signal.SIGSTOP)  # v1's build hangs
+    wait_for(lambda: (fleet.status(cfg).get("pending") or {}).get("build"), 20, "build in status")
+    fleet.publish(mlp(tmp_path / "v2.onnx", seed=2), "v2")
+    assert fleet.wait_rejected(cfg, "v1") == "build: cancelled: superseded by v2"
+    fleet.wait_active(cfg, "v2")
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
