@@ -62,10 +62,10 @@ class _Logger(trt.ILogger):
         self.errors: list[str] = []
 
     def log(self, severity: Any, msg: str) -> None:
-        if severity <= trt.ILogger.Severity.ERROR:
+        if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
             self.errors.append(msg)
             log.error("tensorrt: %s", msg)
-        elif severity <= trt.ILogger.Severity.WARNING:
+        elif severity == trt.ILogger.WARNING:
             log.warning("tensorrt: %s", msg)
         else:
             log.debug("tensorrt: %s", msg)
@@ -117,7 +117,7 @@ class TensorRTBackend:
         monitor = _monitor(progress)
         if monitor is not None:
             config.progress_monitor = monitor
-        progress("building", None if monitor else 0.0)
+        progress("building", None)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             why = "; ".join(logger.errors[-3:]) or "no reason given"
