@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,8 +210,11 @@ def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection)
         pass
     conn.send(("hello", INHERITED_MARK))
 
+    lock = threading.Lock()  # TensorRT calls its progress monitor from several threads
+
     def progress(stage: str, fraction: float | None) -> None:
-        conn.send(("progress", stage, fraction))
+        with lock:
+            conn.send(("progress", stage, fraction))
 
     try:
         backend.build(Path(onnx_path), Path(engine_path), progress)

@@ -62,10 +62,10 @@ class _Logger(trt.ILogger):
         self.errors: list[str] = []
 
     def log(self, severity: Any, msg: str) -> None:
-        if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+        if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
             self.errors.append(msg)
             log.error("tensorrt: %s", msg)
-        elif severity == trt.ILogger.WARNING:
+        elif severity == trt.ILogger.Severity.WARNING:
             log.warning("tensorrt: %s", msg)
         else:
             log.debug("tensorrt: %s", msg)
