@@ -125,39 +125,41 @@ def _watch(
     on_progress: OnProgress,
 ) -> str | None:
     """Poll the child until it ends; returns the failure reason, or None on success."""
-    deadline = info.started + cfg.time_limit_s
     error: str | None = None
     done, pipe_open = False, True
     while True:
-        if pipe_open and recv.poll(POLL_S):
-            try:
-                msg = recv.recv()
-            except (EOFError, OSError):
-                pipe_open = False  # the child closed its end; its exit code follows
-                continue
-            error, done = _handle(msg, info, on_progress, error, done)
-            continue  # drain messages before looking at the exit code
-        if not pipe_open:
+        if not pipe_open:  # the child closed its end (it exited, or was killed): reap it
             proc.join(POLL_S)
-        if not proc.is_alive():
-            break
-        why = cancelled()
-        if why:
+            if not proc.is_alive():
+                break
+        elif recv.poll(POLL_S):
+            try:
+                error, done = _handle(recv.recv(), info, on_progress, error, done)
+            except (EOFError, OSError):
+                pipe_open = False
+        limit = None if done else _over_limit(cfg, info, cancelled)
+        if limit is not None:
             _kill(proc)
-            raise BuildCancelled(why)
-        if time.monotonic() > deadline:
-            _kill(proc)
-            return f"the build exceeded its time limit of {cfg.time_limit_s:g} s (build.time_limit_s)"
-        avail = available_mb()
-        if avail is not None and avail < cfg.min_available_mb:
-            _kill(proc)
-            return (
-                f"killed by the memory guard: {avail} MiB available, below build.min_available_mb "
-                f"({cfg.min_available_mb} MiB)"
-            )
+            return limit
     if error is not None:
         return error
     return None if done and proc.exitcode == 0 else exit_reason(int(proc.exitcode))
+
+
+def _over_limit(cfg: BuildConfig, info: BuildInfo, cancelled: Callable[[], str | None]) -> str | None:
+    """Why the build must stop now (raises BuildCancelled for a cancellation), or None."""
+    why = cancelled()
+    if why:
+        raise BuildCancelled(why)
+    if time.monotonic() > info.started + cfg.time_limit_s:
+        return f"the build exceeded its time limit of {cfg.time_limit_s:g} s (build.time_limit_s)"
+    avail = available_mb()
+    if avail is not None and avail < cfg.min_available_mb:
+        return (
+            f"killed by the memory guard: {avail} MiB available, below build.min_available_mb "
+            f"({cfg.min_available_mb} MiB)"
+        )
+    return None
 
 
 def _handle(
