@@ -37,3 +37,13 @@ class Recorder:
     @property
     def builds(self) -> int:
         return self.kinds().count("engine_built")
+
+
+class SegfaultingOnnxRuntime(OnnxRuntimeBackend):
+    """A backend whose native code crashes mid-build, as a TensorRT bug or bad driver would."""
+
+    def build(self, onnx_path: Any, engine_path: Any, progress: Any = None) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSEGV)

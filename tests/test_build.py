@@ -12,6 +12,7 @@ import pytest
 import agent.build
 from agent.build import BuildCancelled, BuildConfig, BuildFailed, BuildInfo, exit_reason, run_build
 from agent.engines.onnxruntime import OnnxRuntimeBackend
+from tests.backends import SegfaultingOnnxRuntime
 from tests.conftest import mlp
 
 
@@ -70,6 +71,12 @@ def test_cancellation_stops_the_build(tmp_path: Path) -> None:
     with pytest.raises(BuildCancelled, match="superseded by v2"):
         run_build(OnnxRuntimeBackend(), mlp(tmp_path / "m.onnx"), tmp_path / "engine", BuildConfig(),
                   lambda: "superseded by v2", lambda i: None)
+
+
+def test_a_crashing_build_is_reported_with_its_signal(tmp_path: Path) -> None:
+    with pytest.raises(BuildFailed, match=r"killed by signal 11 \(SIGSEGV\)$"):
+        run_build(SegfaultingOnnxRuntime(), mlp(tmp_path / "m.onnx"), tmp_path / "engine", BuildConfig(), never,
+                  lambda i: None)
 
 
 def test_exit_reasons_name_the_signal() -> None:
