@@ -125,10 +125,10 @@ class Provisioner:
         try:
             while time.monotonic() < deadline:
                 for builder, meta in share.records(key).items():
-                    if meta is None:
+                    if isinstance(meta, str):
                         if builder not in told:
                             told.add(builder)
-                            hooks.notify("shared_engine_ignored", _why(key, builder, "untrusted builder"))
+                            hooks.notify("shared_engine_ignored", _why(key, builder, meta))
                         continue
                     problem = share.download(key, meta, path)
                     if problem is None:

@@ -78,26 +78,27 @@ class EngineShare:
         return f"{self.cfg.prefix}{engine_key}/{name}"
 
     # -- finding and fetching ------------------------------------------------------------------
-    def records(self, key: str) -> dict[str, EngineMeta | None]:
-        """Every builder's record for this key (None where the record does not parse)."""
-        found: dict[str, EngineMeta | None] = {}
+    def records(self, key: str) -> dict[str, EngineMeta | str]:
+        """Every builder's record for this key, or why it is not to be used."""
+        found: dict[str, EngineMeta | str] = {}
         try:
             resp = self.s3.list_objects_v2(Bucket=self.cfg.bucket, Prefix=self._key(key, ""))
             for obj in resp.get("Contents", []):
                 name = obj["Key"].rsplit("/", 1)[-1]
                 if name.endswith(".json"):
                     builder = name[: -len(".json")]
-                    found[builder] = self._record(key, builder) if self.trusted(builder) else None
+                    found[builder] = self._record(key, builder) if self.trusted(builder) else "untrusted builder"
         except (BotoCoreError, ClientError) as err:
             raise ShareError(f"listing shared engines failed: {err}") from err
         return found
 
-    def _record(self, key: str, builder: str) -> EngineMeta | None:
+    def _record(self, key: str, builder: str) -> EngineMeta | str:
         body = self.s3.get_object(Bucket=self.cfg.bucket, Key=self._key(key, f"{builder}.json"))["Body"].read()
         try:
-            return EngineMeta.from_json(json.loads(body))
-        except (ValueError, KeyError, TypeError):
-            return None
+            meta = EngineMeta.from_json(json.loads(body))
+        except (ValueError, KeyError, TypeError) as err:
+            return f"unreadable record: {err}"
+        return meta if meta.builder == builder else f"record names builder {meta.builder!r}"
 
     def download(self, key: str, meta: EngineMeta, dest: Path) -> str | None:
         """Fetch a trusted builder's engine into `dest` (+ sidecar); the problem, or None when sound."""
