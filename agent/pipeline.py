@@ -78,7 +78,11 @@ class Pipeline:
         self._verify(cand, model_path)
         got = self._build(cand, model_path)
         self.report(cand.record_id, ModelState.VALIDATING, "engine loaded; running the gate", {})
-        engine = self._load(cand, got, model_path)
+        try:
+            engine = self._load(cand, got, model_path)
+        except BaseException:
+            self.engines.settle(got.key, passed=False)
+            raise
         try:
             gate = run_gate(engine, m, active.inputs if active else None, active.outputs if active else None, golden)
         except BaseException:
