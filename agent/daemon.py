@@ -16,7 +16,7 @@ from typing import Any
 from agent import __version__, enginecache
 from agent.build import protect_daemon
 from agent.config import AgentConfig
-from agent.engines import Backend, select_backend
+from agent.engines import Backend, engine_key, select_backend
 from agent.errors import AgentError, ProtocolError, RejectedModel
 from agent.fetch import s3_client, sha256_file
 from agent.lifecycle import ModelState
@@ -287,16 +287,25 @@ class Daemon:
             return
         try:
             path = self.store.engine_path(rec.engine_key)
-            problem = enginecache.problem(path, rec.engine_key)
+            problem = enginecache.stale_or_damaged(path, rec.engine_key, engine_key(rec.sha256, self.backend))
             if problem is not None:
-                raise AgentError(f"engine {rec.engine_key} fails its check: {problem}")
+                raise AgentError(problem)
             engine = self.backend.load(path)
         except Exception as err:
             log.error("the active model %s does not load from its engine: %s", rec.version, err)
             self.transition(rec, ModelState.ROLLED_BACK, f"engine does not load after restart: {err}")
+            self._rebuild_later(rec)
             return
         self.server.swap_now(ServedModel(engine, rec.version, rec.sha256, self.backend.name))
         log.info("restored active model %s from %s", rec.version, rec.engine_key)
+
+    def _rebuild_later(self, rec: ModelRecord) -> None:
+        """Queue the model again (its ONNX file is still here) so its engine is rebuilt for this
+        backend; a newer unfinished candidate takes precedence."""
+        if self.store.in_state(*_RESUMABLE):
+            return
+        reason = f"rebuilding the engine of {rec.version} for {self.backend.name} {self.backend.version()}"
+        self.store.add(rec.manifest, rec.channel, None, rec.source, reason)
 
     def _resume_unfinished(self) -> None:
         unfinished = [r for r in self.store.in_state(*_RESUMABLE)]

@@ -96,6 +96,15 @@ def problem(engine_path: Path, key: str) -> str | None:
     return None
 
 
+def stale_or_damaged(engine_path: Path, stored_key: str, current_key: str) -> str | None:
+    """For the active model at start-up: its recorded key must still be the one this backend
+    computes (a TensorRT/JetPack upgrade changes it), and its file must pass `problem`."""
+    if stored_key != current_key:
+        return f"engine {stored_key} was built by another backend version or device (this one needs {current_key})"
+    found = problem(engine_path, stored_key)
+    return None if found is None else f"engine {stored_key} fails its check: {found}"
+
+
 def discard(engine_path: Path) -> None:
     engine_path.unlink(missing_ok=True)
     sidecar_path(engine_path).unlink(missing_ok=True)

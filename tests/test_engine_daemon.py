@@ -157,3 +157,23 @@ def test_a_newer_model_cancels_the_build_it_supersedes(fleet: Fleet, tmp_path: P
     assert fleet.wait_rejected(cfg, "v1") == "build: cancelled: superseded by v2"
     fleet.wait_active(cfg, "v2")
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+def test_a_damaged_active_engine_is_rebuilt_at_start_never_loaded(fleet: Fleet, tmp_path: Path) -> None:
+    cfg = fleet.agent_config()
+    agent = fleet.start_agent(cfg)
+    fleet.publish(mlp(tmp_path / "m.onnx"), "v1")
+    fleet.wait_active(cfg, "v1")
+    key = models(fleet, cfg)[0]["engine_key"]
+    stop(agent)
+    engine = cfg.parent / "state" / "engines" / key
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    fleet.start_agent(cfg)
+    fleet.wait_active(cfg, "v1")
+    history = models(fleet, cfg)
+    assert [m["state"] for m in history] == ["active", "rolled_back"]
+    assert "fails its check: engine hashes to" in history[1]["reason"]
+    assert history[0]["figures"]["engine_source"] == "built" and history[0]["engine_key"] == key
+    assert serves(cfg.parent / "run" / "infer.sock", "v1")
