@@ -120,23 +120,15 @@ class Provisioner:
     def _from_share(self, key: str, path: Path, hooks: Hooks) -> bool:
         """True when a trusted agent's engine landed at `path`; False: build here."""
         assert self.share is not None
-        share, told = self.share, set()
-        deadline = time.monotonic() + self.cfg.time_limit_s + 60
+        share, told, waiting_on = self.share, set[str](), ""
+        hold_s = self.cfg.time_limit_s + 60
+        deadline = time.monotonic() + hold_s
         try:
             while time.monotonic() < deadline:
-                for builder, meta in share.records(key).items():
-                    if isinstance(meta, str):
-                        if builder not in told:
-                            told.add(builder)
-                            hooks.notify("shared_engine_ignored", _why(key, builder, meta))
-                        continue
-                    problem = share.download(key, meta, path)
-                    if problem is None:
-                        hooks.stage(f"engine {key} from {builder} (shared, sha256 verified)")
-                        return True
-                    hooks.notify("shared_engine_ignored", _why(key, builder, problem))
-                    return False
-                lease = share.acquire(key, self.cfg.time_limit_s + 60)
+                found = self._fetch_shared(key, path, hooks, told)
+                if found is not None:
+                    return found
+                lease = share.acquire(key, hold_s)
                 if lease.ours:
                     self._leases.add(key)
                     return False
@@ -146,12 +138,32 @@ class Provisioner:
                 reason = hooks.cancelled()
                 if reason:
                     raise BuildCancelled(reason)
-                hooks.stage(f"waiting for {lease.holder} to build engine {key} (shared)")
+                if lease.holder != waiting_on:
+                    waiting_on = lease.holder
+                    hooks.stage(f"waiting for {lease.holder} to build engine {key} (shared)")
                 time.sleep(share.cfg.poll_s * random.uniform(0.8, 1.2))
         except ShareError as err:
             log.warning("engine sharing unavailable (%s): building locally", err)
             hooks.notify("shared_engine_ignored", _why(key, "", str(err)))
         return False
+
+    def _fetch_shared(self, key: str, path: Path, hooks: Hooks, told: set[str]) -> bool | None:
+        """True: a trusted engine is at `path`; False: a trusted record's engine is bad (build
+        here); None: no usable record yet."""
+        assert self.share is not None
+        for builder, meta in self.share.records(key).items():
+            if isinstance(meta, str):
+                if builder not in told:  # one event per builder, not one per poll
+                    told.add(builder)
+                    hooks.notify("shared_engine_ignored", _why(key, builder, meta))
+                continue
+            problem = self.share.download(key, meta, path)
+            if problem is None:
+                hooks.stage(f"engine {key} from {builder} (shared, sha256 verified)")
+                return True
+            hooks.notify("shared_engine_ignored", _why(key, builder, problem))
+            return False
+        return None
 
 
 def _why(key: str, builder: str, reason: str) -> dict[str, Any]:
