@@ -212,8 +212,8 @@ class Activation:
         return [r for r in recs if self.store.model_path(r.sha256).exists()]
 
     def _load_stored(self, rec: ModelRecord) -> ServedModel:
+        engine = self.pipeline.load_stored(rec.sha256)
         key = engine_key(rec.sha256, self.backend)
-        engine = self.pipeline.load(self.store.engine_path(key), self.store.model_path(rec.sha256))
         if rec.engine_key != key:
             self.store.set_engine_key(rec, key)
         return ServedModel(engine, rec.version, rec.sha256, self.backend.name)

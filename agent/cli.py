@@ -18,6 +18,8 @@ EXIT_NOT_RUNNING = 3  # as `systemctl status` says of a stopped unit
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.func is cmd_doctor:  # doctor reports an invalid config as one of its checks
+        return cmd_doctor(config_path(args.config), args)
     try:
         cfg = load(config_path(args.config))
         return int(args.func(cfg, args))
@@ -67,7 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "pin", "version": a.target_version}, "pinned"))
     c = sub.add_parser("unpin", help="follow the channel again (catching up with what it announced meanwhile)")
     c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "unpin"}, "unpinned"))
+    c = sub.add_parser("doctor", help="check this machine: TensorRT/CUDA, GPU, memory, disk, state dir, broker, S3")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_doctor)
     return p
+
+
+def cmd_doctor(config_file: Path, args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    checks = doctor.run_doctor(config_file)
+    print(json.dumps(doctor.to_json(checks), indent=2) if args.json else doctor.format_text(checks))
+    return doctor.exit_code(checks)
 
 
 def cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
@@ -118,6 +131,10 @@ def format_status(s: dict[str, Any]) -> str:
     if p:
         pct = f" {100 * p['downloaded_bytes'] / p['total_bytes']:.0f}%" if p["total_bytes"] else ""
         lines.append(f"  pending   {p['version']}: {p['stage']}{pct} ({p['reason']})")
+        b = p.get("build")
+        if b:
+            done = f" {b['percent']:.0f}%" if b["percent"] is not None else ""
+            lines.append(f"  build     {b['stage']}{done}, {b['elapsed_s']:.0f} s so far (pid {b['pid']})")
     if s["watch"]:
         w = s["watch"]
         lines.append(

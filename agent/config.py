@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+from agent.build import BuildConfig
 from agent.errors import ConfigError
 from agent.protocol import DEFAULT_TOPIC_PREFIX
+from agent.share import ShareConfig
 from agent.tomlconf import build, positive, read_toml
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
@@ -129,6 +131,8 @@ class AgentConfig:
     watch: WatchConfig = field(default_factory=WatchConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     inbox: InboxConfig = field(default_factory=InboxConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)  # engine builds (agent/build.py)
+    share: ShareConfig = field(default_factory=ShareConfig)  # fleet engine sharing (agent/share.py)
 
     def check(self) -> None:
         if not self.channel or "/" in self.channel or "+" in self.channel or "#" in self.channel:

@@ -9,14 +9,16 @@ import os
 import queue
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, enginecache
 from agent.activation import Activation
+from agent.build import protect_daemon
 from agent.config import AgentConfig
-from agent.engines import Backend, select_backend
+from agent.engines import Backend, engine_key, select_backend
 from agent.errors import AgentError, ProtocolError, RejectedModel
 from agent.fetch import s3_client, sha256_file
 from agent.lifecycle import ModelState
@@ -24,7 +26,9 @@ from agent.link import Link
 from agent.onnxinfo import check_onnx, signature
 from agent.pipeline import Candidate, Pipeline
 from agent.protocol import Announcement, Manifest, ObjectRef, Topics, decode, encode, new_event, now
+from agent.provision import Provisioner
 from agent.serve import InferenceServer, ServedModel
+from agent.share import EngineShare
 from agent.status import StatusBuilder
 from agent.store import ModelRecord, Store
 from agent.telemetry import LatencyRecorder
@@ -45,7 +49,7 @@ class Daemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(cfg.state_dir / "agent.lock")
         self.store = Store(cfg.state_dir)
-        self.backend = backend or select_backend(cfg.backend)
+        self.backend = backend or select_backend(cfg.backend, cfg.build.workspace_mb, cfg.build.fp16)
         self.recorder = LatencyRecorder()
         self.server = InferenceServer(cfg.socket, self.recorder)
         self.link = Link(
@@ -59,6 +63,9 @@ class Daemon:
             cfg.disk_reserve_mb * 2**20,
             self._report_stage,
             self._report_progress,
+            self._provisioner(),
+            lambda rid, info: self.events.put(("build-progress", rid, info)),
+            lambda kind, fields: self.events.put(("emit", kind, fields)),
         )
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         self.activation = Activation(
@@ -80,10 +87,12 @@ class Daemon:
         self.working: Candidate | None = None
         self.waiting: list[Candidate] = []
         self.progress: dict[int, tuple[int, int]] = {}
+        self.build_progress: dict[int, dict[str, Any]] = {}  # record id -> the running build's info
         self.inflight: dict[int, int] = {}  # MQTT message id -> outbox row
         self.ignored_payloads = 0
         self.last_ignored = ""
         self.stopping = False
+        self._handlers = self._handler_table()
         self.started_at = time.time()
         self._next_telemetry = time.monotonic() + cfg.telemetry.interval_s
         self.service = Service(self, config_file)
@@ -94,6 +103,7 @@ class Daemon:
         # runs Python code: keep the serving thread's worst case well under a 2 ms control period.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.service.install_signal_handlers()
+        protect_daemon()
         self._restore_active()
         self.server.start()
         self.control.start()
@@ -136,30 +146,39 @@ class Daemon:
         os.close(self._lock_fd)
 
     def _dispatch(self, event: tuple[Any, ...]) -> None:
-        kind = event[0]
-        if kind == "stop":
-            self.stopping = True
-        elif kind == "mqtt-message":
-            self._on_message(event[1], event[2])
-        elif kind == "mqtt-connected":
-            self._on_connected(event[1])
-        elif kind == "mqtt-disconnected":
-            log.warning("broker connection lost: %s", event[1])
-            self.inflight.clear()  # unacknowledged events stay in the outbox and go again
-        elif kind == "mqtt-published":
-            row = self.inflight.pop(event[1], None)
-            if row is not None:
-                self.store.outbox_done(row)
-        elif kind == "stage":
-            self._apply_stage(*event[1:])
-        elif kind == "progress":
-            self.progress[event[1]] = (event[2], event[3])
-        elif kind == "pipeline-done":
-            self._on_pipeline_done(event[1], event[2], event[3], event[4])
-        elif kind == "control":
-            event[2].put(self._on_control(event[1]))
+        kind, args = event[0], event[1:]
+        handler = self._handlers.get(kind)
+        if handler is not None:
+            handler(*args)
         elif kind in self.service.KINDS:
             self.service.dispatch(event)
+
+    def _handler_table(self) -> dict[str, Callable[..., None]]:
+        """What the coordinator does with each event kind that paho, the control socket, the
+        pipeline thread and the build watcher put on its queue."""
+        return {
+            "stop": lambda: setattr(self, "stopping", True),
+            "mqtt-message": lambda topic, payload, _retained: self._on_message(topic, payload),
+            "mqtt-connected": self._on_connected,
+            "mqtt-disconnected": self._on_disconnected,
+            "mqtt-published": self._on_published,
+            "stage": self._apply_stage,
+            "progress": lambda rid, done, total: self.progress.__setitem__(rid, (done, total)),
+            "build-progress": self._on_build_progress,
+            "emit": lambda kind, fields: self.emit(kind, **fields),
+            "pipeline-done": self._on_pipeline_done,
+            "control": lambda request, reply: reply.put(self._on_control(request)),
+            "tick": lambda: None,
+        }
+
+    def _on_disconnected(self, reason: str) -> None:
+        log.warning("broker connection lost: %s", reason)
+        self.inflight.clear()  # unacknowledged events stay in the outbox and go again
+
+    def _on_published(self, mid: int) -> None:
+        row = self.inflight.pop(mid, None)
+        if row is not None:
+            self.store.outbox_done(row)
 
     def _periodic(self) -> None:
         self.server.drain()
@@ -230,6 +249,7 @@ class Daemon:
             self._start(cand)
         else:
             self.waiting.append(cand)
+            self.pipeline.supersede(self.working.record_id, cand.manifest.version)
 
     def _start(self, cand: Candidate) -> None:
         self.working = cand
@@ -281,6 +301,7 @@ class Daemon:
     ) -> None:
         self.working = None
         self.progress.pop(cand.record_id, None)
+        self.build_progress.pop(cand.record_id, None)
         rec = self.store.get(cand.record_id)
         if served is None:
             if not rec.state.terminal:
@@ -296,6 +317,19 @@ class Daemon:
                 )
             self._start(newest)
 
+    def _on_build_progress(self, record_id: int, info: dict[str, Any]) -> None:
+        """Status shows every update; the cloud gets an event when the build enters a new stage."""
+        previous = self.build_progress.get(record_id)
+        self.build_progress[record_id] = info
+        if previous is None or previous["stage"] != info["stage"]:
+            self.emit("build_progress", model_id=record_id, **info)
+
+    def _provisioner(self) -> Provisioner:
+        share = None
+        if self.cfg.share.enabled:
+            share = EngineShare(self._s3_client(), self.cfg.share, self.cfg.device_id)
+        return Provisioner(self.store, self.backend, self.cfg.build, share, self.cfg.device_id)
+
     # -- restart recovery ------------------------------------------------------------------------
     def _restore_active(self) -> None:
         """The active model comes back from the state dir: no download, no build."""
@@ -303,13 +337,26 @@ class Daemon:
         if rec is None or rec.engine_key is None:
             return
         try:
-            engine = self.backend.load(self.store.engine_path(rec.engine_key))
+            path = self.store.engine_path(rec.engine_key)
+            problem = enginecache.stale_or_damaged(path, rec.engine_key, engine_key(rec.sha256, self.backend))
+            if problem is not None:
+                raise AgentError(problem)
+            engine = self.backend.load(path)
         except Exception as err:
             log.error("the active model %s does not load from its engine: %s", rec.version, err)
             self.transition(rec, ModelState.ROLLED_BACK, f"engine does not load after restart: {err}")
+            self._rebuild_later(rec)
             return
         self.server.swap_now(ServedModel(engine, rec.version, rec.sha256, self.backend.name))
         log.info("restored active model %s from %s", rec.version, rec.engine_key)
+
+    def _rebuild_later(self, rec: ModelRecord) -> None:
+        """Queue the model again (its ONNX file is still here) so its engine is rebuilt for this
+        backend; a newer unfinished candidate takes precedence."""
+        if self.store.in_state(*_RESUMABLE):
+            return
+        reason = f"rebuilding the engine of {rec.version} for {self.backend.name} {self.backend.version()}"
+        self.store.add(rec.manifest, rec.channel, None, rec.source, reason)
 
     def _resume_unfinished(self) -> None:
         unfinished = [r for r in self.store.in_state(*_RESUMABLE)]

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from agent import fetch
-from agent.engines import Backend, Engine, engine_key
+from agent.build import BuildCancelled, BuildConfig
+from agent.engines import Backend, Engine
 from agent.errors import RejectedModel
 from agent.lifecycle import ModelState
 from agent.onnxinfo import check_onnx, signature
 from agent.protocol import Manifest, signature_diff
+from agent.provision import Hooks, Obtained, Provisioner
 from agent.serve import ServedModel
 from agent.store import Store
 from agent.validate import GateContext, run_gate
@@ -44,6 +46,9 @@ class Pipeline:
         reserve_bytes: int,
         report: Report,
         progress: ProgressReport,
+        engines: Provisioner | None = None,
+        build_progress: Callable[[int, dict[str, Any]], None] | None = None,
+        notify: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.store = store  # only its path helpers are used here: no DB access off the coordinator
         self.backend = backend
@@ -52,25 +57,52 @@ class Pipeline:
         self.report = report
         self.progress = progress
         self.cancel = threading.Event()
+        self.engines = engines or Provisioner(store, backend, BuildConfig(), None, "local")
+        self.build_progress = build_progress or (lambda _rid, _info: None)
+        self.notify = notify or (lambda _kind, _fields: None)
+        self._superseded: dict[int, str] = {}  # record id -> the newer version that superseded it
+
+    def supersede(self, record_id: int, newer: str) -> None:
+        """Called from the coordinator: a build in progress for `record_id` stops."""
+        self._superseded[record_id] = newer
 
     def prepare(self, cand: Candidate, gate: GateContext) -> ServedModel:
         m = cand.manifest
         model_path = self.store.model_path(m.sha256)
         gate.golden = self._download(cand, model_path)
         self._verify(cand, model_path)
-        key, engine_path = self._build(cand, model_path)
+        got = self._build(cand, model_path)
         self.report(cand.record_id, ModelState.VALIDATING, "engine loaded; running the gate", {})
-        engine = self.load(engine_path, model_path)
+        try:
+            engine = self._load(cand, got, model_path)
+        except BaseException:
+            self.engines.settle(got.key, passed=False)
+            raise
         try:
             results = run_gate(engine, m, gate)
         except BaseException:
             engine.close()
+            self.engines.settle(got.key, passed=False)
             raise
-        figures = {"engine_key": key, "gate": {r.name: r.to_json() for r in results}}
+        shared = self.engines.settle(got.key, passed=True)
+        checks = {r.name: r.to_json() for r in results}
+        figures = {"engine_key": got.key, **got.figures, **shared, "gate": checks}
         forced = [r.name for r in results if r.figures.get("forced")]
         note = f" (forced past {', '.join(forced)})" if forced else ""
         self.report(cand.record_id, ModelState.STAGED, f"passed the gate{note}", figures)
         return ServedModel(engine, m.version, m.sha256, self.backend.name)
+
+    def load_stored(self, sha256: str) -> Engine:
+        """A stored model's engine for an operator command (cache, else shared, else a build)."""
+        model_path = self.store.model_path(sha256)
+        quiet = Hooks(
+            stage=lambda _r: None,
+            progress=lambda _i: None,
+            notify=lambda _k, _f: None,
+            cancelled=lambda: "the agent is stopping" if self.cancel.is_set() else None,
+        )
+        got = self.engines.obtain(sha256, model_path, quiet)
+        return self.backend.load(got.path)
 
     def _download(self, cand: Candidate, model_path: Path) -> Path | None:
         m = cand.manifest
@@ -114,28 +146,42 @@ class Pipeline:
                 raise RejectedModel("verify", diff)
         self.report(cand.record_id, ModelState.VERIFIED, "sha256 matches; ONNX checker passed", {})
 
-    def _build(self, cand: Candidate, model_path: Path) -> tuple[str, Path]:
-        key = engine_key(cand.manifest.sha256, self.backend)
-        engine_path = self.store.engine_path(key)
-        if engine_path.exists():
-            self.report(cand.record_id, ModelState.BUILDING, f"engine cache hit ({key})", {})
-            return key, engine_path
-        self.report(cand.record_id, ModelState.BUILDING, f"building {self.backend.name} engine {key}", {})
-        try:
-            self.backend.build(model_path, engine_path)
-        except Exception as err:
-            raise RejectedModel("build", f"{self.backend.name} build failed: {err}") from err
-        return key, engine_path
+    def _hooks(self, cand: Candidate) -> Hooks:
+        rid, version = cand.record_id, cand.manifest.version
 
-    def load(self, engine_path: Path, model_path: Path) -> Engine:
-        """A cached engine that does not load is rebuilt once, never trusted."""
+        def cancelled() -> str | None:
+            if self.cancel.is_set():
+                return "the agent is stopping"
+            newer = self._superseded.get(rid)
+            return f"superseded by {newer}" if newer else None
+
+        return Hooks(
+            stage=lambda reason: self.report(rid, ModelState.BUILDING, reason, {}),
+            progress=lambda info: self.build_progress(rid, info),
+            notify=lambda kind, fields: self.notify(kind, {"model_id": rid, "version": version, **fields}),
+            cancelled=cancelled,
+        )
+
+    def _build(self, cand: Candidate, model_path: Path) -> Obtained:
         try:
-            return self.backend.load(engine_path)
+            return self.engines.obtain(cand.manifest.sha256, model_path, self._hooks(cand))
+        except BuildCancelled as err:
+            raise RejectedModel("build", f"cancelled: {err}") from err
+        finally:
+            self._superseded.pop(cand.record_id, None)
+
+    def _load(self, cand: Candidate, got: Obtained, model_path: Path) -> Engine:
+        """An engine that passed its hash check but does not load is rebuilt once, never trusted."""
+        try:
+            return self.backend.load(got.path)
         except Exception as err:
-            log.warning("engine %s does not load (%s): rebuilding it", engine_path.name, err)
-            engine_path.unlink(missing_ok=True)
+            log.warning("engine %s does not load (%s): rebuilding it", got.key, err)
         try:
-            self.backend.build(model_path, engine_path)
-            return self.backend.load(engine_path)
+            self.engines.rebuild(got.key, model_path, self._hooks(cand))
+            return self.backend.load(got.path)
+        except BuildCancelled as err:
+            raise RejectedModel("build", f"cancelled: {err}") from err
+        except RejectedModel:
+            raise
         except Exception as err:
             raise RejectedModel("build", f"engine does not load: {err}") from err

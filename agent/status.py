@@ -99,6 +99,7 @@ class StatusBuilder:
             "downloaded_bytes": done,
             "total_bytes": total,
             "queued": len(d.waiting),
+            "build": d.build_progress.get(rec.id),  # pid, stage, percent, elapsed_s of a running build
         }
 
     def mqtt(self) -> dict[str, Any]:

@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol
 
 import numpy as np
 
 from agent.errors import AgentError
 from agent.protocol import TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+# Build progress: (stage name, fraction done in [0, 1] or None when the stage has no measure).
+BuildProgress = Callable[[str, "float | None"], None]
+
+
+def no_progress(_stage: str, _fraction: float | None) -> None:
+    pass
 
 
 class Engine(Protocol):
@@ -36,13 +48,19 @@ class Backend(Protocol):
         """What, besides the model's sha256, makes an engine file valid: device, precision, options."""
         ...
 
-    def build(self, onnx_path: Path, engine_path: Path) -> None: ...
+    def build(self, onnx_path: Path, engine_path: Path, progress: BuildProgress = no_progress) -> None:
+        """Runs in the build child process (agent.build); writes `engine_path` atomically."""
+        ...
 
     def load(self, engine_path: Path) -> Engine: ...
 
 
 class BackendUnavailable(AgentError):
     pass
+
+
+class BuildError(AgentError):
+    """The backend could not build an engine from this ONNX file (e.g. the parser's message)."""
 
 
 def engine_key(model_sha256: str, backend: Backend) -> str:
@@ -52,16 +70,17 @@ def engine_key(model_sha256: str, backend: Backend) -> str:
     return f"{model_sha256[:16]}-{backend.name}-{digest[:16]}"
 
 
-def select_backend(choice: str) -> Backend:
+def select_backend(choice: str, workspace_mb: int = 1024, fp16: bool = True) -> Backend:
     """`auto` takes TensorRT where it imports and a GPU answers, else ONNX Runtime."""
     if choice in ("tensorrt", "auto"):
         try:
             from agent.engines.tensorrt import TensorRTBackend
 
-            return cast(Backend, TensorRTBackend())
-        except BackendUnavailable:
+            return TensorRTBackend(workspace_mb=workspace_mb, fp16=fp16)
+        except BackendUnavailable as err:
             if choice == "tensorrt":
                 raise
+            log.info("TensorRT is not usable here (%s): using ONNX Runtime", err)
     from agent.engines.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend()

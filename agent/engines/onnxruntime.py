@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.engines import BackendUnavailable
+from agent.engines import BackendUnavailable, BuildError, BuildProgress, no_progress
 from agent.protocol import TensorSpec
 
 try:
@@ -78,13 +78,18 @@ class OnnxRuntimeBackend:
         # Saved EXTENDED optimisations may use kernels for this CPU: key by machine too.
         return {"device": f"cpu-{platform.machine()}", "precision": "fp32", "opt": "extended"}
 
-    def build(self, onnx_path: Path, engine_path: Path) -> None:
+    def build(self, onnx_path: Path, engine_path: Path, progress: BuildProgress = no_progress) -> None:
         """Optimise and save. Writes a temporary file and renames it: no half-written engine."""
         tmp = engine_path.with_name(engine_path.name + ".part")
         opts = _session_options(1)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = str(tmp)
-        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        progress("optimizing", None)
+        try:
+            ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
+            raise BuildError(f"ONNX Runtime could not load the model: {err}") from err
+        progress("saving", None)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, engine_path)

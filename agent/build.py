@@ -1,0 +1,238 @@
+"""Runs one engine build in a child process behind a handle: time limit, memory guard,
+cancellation, progress. Serving never shares a process with a build.
+
+The child is started fresh with multiprocessing's `spawn` (a new interpreter), never `fork`: a forked
+child of a process that holds threads or a CUDA context cannot use CUDA and can deadlock. The
+memory guard watches MemAvailable from the parent and kills the child (RLIMIT_AS would break CUDA,
+which reserves a huge virtual address space); the child also asks the kernel's OOM killer to pick it
+first (oom_score_adj 1000)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from agent.engines import Backend
+from agent.errors import AgentError, ConfigError, RejectedModel
+from agent.tomlconf import positive
+
+log = logging.getLogger(__name__)
+
+_MP = multiprocessing.get_context("spawn")
+START_METHOD = _MP.get_start_method()
+POLL_S = 0.1
+# Set by a parent before a build; a child started fresh sees the default. Tests use it to prove it.
+INHERITED_MARK = "fresh"
+
+
+@dataclass
+class BuildConfig:
+    """[build] in the agent's config."""
+
+    time_limit_s: float = 1800.0  # an Orin Nano builds a large model in minutes
+    min_available_mb: int = 300  # the memory guard kills the build below this MemAvailable
+    workspace_mb: int = 1024  # TensorRT's workspace pool cap
+    fp16: bool = True  # TensorRT: FP16 kernels where the GPU has them
+
+    def check(self) -> None:
+        positive("build.time_limit_s", self.time_limit_s)
+        positive("build.workspace_mb", self.workspace_mb)
+        if self.min_available_mb < 0:
+            raise ConfigError("build.min_available_mb: must be >= 0")
+
+
+class BuildFailed(RejectedModel):
+    def __init__(self, reason: str) -> None:
+        super().__init__("build", reason)
+
+
+class BuildCancelled(AgentError):
+    pass
+
+
+@dataclass
+class BuildInfo:
+    """What `agent status` shows of a running build."""
+
+    pid: int
+    stage: str
+    fraction: float | None
+    started: float
+    child_mark: str = ""  # the child's INHERITED_MARK: "fresh" unless it inherited our memory
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "stage": self.stage,
+            "percent": None if self.fraction is None else round(100 * self.fraction, 1),
+            "elapsed_s": round(time.monotonic() - self.started, 1),
+        }
+
+
+OnProgress = Callable[[BuildInfo], None]
+
+
+def run_build(
+    backend: Backend,
+    onnx_path: Path,
+    engine_path: Path,
+    cfg: BuildConfig,
+    cancelled: Callable[[], str | None],
+    on_progress: OnProgress,
+) -> float:
+    """Build in a fresh child; returns the seconds it took. Raises BuildFailed or BuildCancelled."""
+    recv, send = _MP.Pipe(duplex=False)
+    proc = _MP.Process(
+        target=_child, args=(backend, str(onnx_path), str(engine_path), send), name="engine-build", daemon=True
+    )
+    started = time.monotonic()
+    proc.start()
+    send.close()
+    assert proc.pid is not None
+    info = BuildInfo(proc.pid, "starting", None, started)
+    on_progress(info)
+    try:
+        error = _watch(proc, recv, cfg, cancelled, info, on_progress)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+        recv.close()
+        engine_path.with_name(engine_path.name + ".part").unlink(missing_ok=True)
+    if error is None and not engine_path.exists():
+        error = "the build child exited without writing the engine"
+    if error is not None:
+        engine_path.unlink(missing_ok=True)
+        raise BuildFailed(error)
+    return time.monotonic() - started
+
+
+def _watch(
+    proc: Any,
+    recv: Connection,
+    cfg: BuildConfig,
+    cancelled: Callable[[], str | None],
+    info: BuildInfo,
+    on_progress: OnProgress,
+) -> str | None:
+    """Poll the child until it ends; returns the failure reason, or None on success."""
+    error: str | None = None
+    done, pipe_open = False, True
+    while True:
+        if not pipe_open:  # the child closed its end (it exited, or was killed): reap it
+            proc.join(POLL_S)
+            if not proc.is_alive():
+                break
+        elif recv.poll(POLL_S):
+            try:
+                error, done = _handle(recv.recv(), info, on_progress, error, done)
+            except (EOFError, OSError):
+                pipe_open = False
+        limit = None if done else _over_limit(cfg, info, cancelled)
+        if limit is not None:
+            _kill(proc)
+            return limit
+    if error is not None:
+        return error
+    return None if done and proc.exitcode == 0 else exit_reason(int(proc.exitcode))
+
+
+def _over_limit(cfg: BuildConfig, info: BuildInfo, cancelled: Callable[[], str | None]) -> str | None:
+    """Why the build must stop now (raises BuildCancelled for a cancellation), or None."""
+    why = cancelled()
+    if why:
+        raise BuildCancelled(why)
+    if time.monotonic() > info.started + cfg.time_limit_s:
+        return f"the build exceeded its time limit of {cfg.time_limit_s:g} s (build.time_limit_s)"
+    avail = available_mb()
+    if avail is not None and avail < cfg.min_available_mb:
+        return (
+            f"killed by the memory guard: {avail} MiB available, below build.min_available_mb "
+            f"({cfg.min_available_mb} MiB)"
+        )
+    return None
+
+
+def _handle(
+    msg: tuple[Any, ...], info: BuildInfo, on_progress: OnProgress, error: str | None, done: bool
+) -> tuple[str | None, bool]:
+    if msg[0] == "hello":
+        info.child_mark = str(msg[1])
+    elif msg[0] == "progress":
+        info.stage, info.fraction = msg[1], msg[2]
+        on_progress(info)
+    elif msg[0] == "error":
+        error = str(msg[1])
+    elif msg[0] == "done":
+        done = True
+    return error, done
+
+
+def _kill(proc: Any) -> None:
+    proc.kill()
+    proc.join(10)
+
+
+def exit_reason(code: int) -> str:
+    if code < 0:
+        sig = -code
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
+        hint = ", likely out of memory (the OOM killer)" if sig == signal.SIGKILL else ""
+        return f"the build process was killed by signal {sig} ({name}){hint}"
+    return f"the build process exited with status {code} without a result"
+
+
+def available_mb() -> int | None:
+    """MemAvailable from /proc/meminfo, in MiB; None where unreadable."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection) -> None:
+    """The build child's main: never returns an exception silently."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # the OOM killer's first choice, not the daemon
+    except OSError:
+        pass
+    conn.send(("hello", INHERITED_MARK))
+
+    lock = threading.Lock()  # TensorRT calls its progress monitor from several threads
+
+    def progress(stage: str, fraction: float | None) -> None:
+        with lock:
+            conn.send(("progress", stage, fraction))
+
+    try:
+        backend.build(Path(onnx_path), Path(engine_path), progress)
+    except BaseException as err:  # everything goes back as the reason, then a non-zero exit
+        conn.send(("error", str(err) or type(err).__name__))
+        conn.close()
+        os._exit(1)
+    conn.send(("done",))
+    conn.close()
+
+
+def protect_daemon() -> None:
+    """Ask the OOM killer to spare the daemon (needs CAP_SYS_RESOURCE: systemd's OOMScoreAdjust
+    does it for the service; this covers root runs)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-500")
+    except OSError as err:
+        log.debug("cannot lower the daemon's oom_score_adj: %s", err)

@@ -1,0 +1,170 @@
+"""Where a candidate's engine comes from: the local cache (verified), a trusted agent of the fleet
+(through S3, opt-in), or a build in a child process. Runs on the pipeline thread; it reports
+through callbacks only (the coordinator owns every state change)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import enginecache
+from agent.build import BuildCancelled, BuildConfig, BuildInfo, run_build
+from agent.engines import Backend, engine_key
+from agent.share import EngineShare, ShareError
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hooks:
+    """How the provisioner speaks while it works on one candidate."""
+
+    stage: Callable[[str], None]  # a new reason for the `building` stage
+    progress: Callable[[dict[str, Any]], None]  # the running build (for `agent status`)
+    notify: Callable[[str, dict[str, Any]], None]  # an event for the cloud
+    cancelled: Callable[[], str | None]  # why to stop now, or None
+
+
+@dataclass(frozen=True)
+class Obtained:
+    key: str
+    path: Path
+    source: str  # "cache", "shared" or "built"
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+class Provisioner:
+    def __init__(
+        self, store: Store, backend: Backend, cfg: BuildConfig, share: EngineShare | None, device_id: str
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.cfg = cfg
+        self.share = share
+        self.device_id = device_id
+        self._built: set[str] = set()  # keys built here and not yet settled
+        self._leases: set[str] = set()
+
+    def obtain(self, model_sha256: str, model_path: Path, hooks: Hooks) -> Obtained:
+        key = engine_key(model_sha256, self.backend)
+        path = self.store.engine_path(key)
+        why = enginecache.problem(path, key)
+        if why is None:
+            hooks.stage(f"engine cache hit ({key})")
+            return Obtained(key, path, "cache", {"engine_source": "cache"})
+        if why != "no engine file":
+            log.warning("engine %s is not usable (%s): discarding it", key, why)
+            hooks.notify("engine_discarded", {"engine_key": key, "reason": why})
+            enginecache.discard(path)
+        if self.share is not None and self._from_share(key, path, hooks):
+            return Obtained(key, path, "shared", {"engine_source": "shared"})
+        return self._build(key, model_path, hooks)
+
+    def rebuild(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
+        """The engine passed its hash check but does not load: build it again, once."""
+        enginecache.discard(self.store.engine_path(key))
+        return self._build(key, model_path, hooks)
+
+    def settle(self, key: str, passed: bool) -> dict[str, Any]:
+        """After the gate: share what we built if it passed; free the lease either way."""
+        figures: dict[str, Any] = {}
+        built = key in self._built
+        self._built.discard(key)
+        if self.share is None:
+            return figures
+        try:
+            if passed and built and self.share.cfg.upload:
+                meta = enginecache.read_sidecar(self.store.engine_path(key))
+                if meta is not None:
+                    self.share.upload(key, self.store.engine_path(key), meta)
+                    figures["engine_shared"] = True
+        except ShareError as err:
+            log.warning("%s", err)
+        finally:
+            if key in self._leases:
+                self._leases.discard(key)
+                self.share.release(key)
+        return figures
+
+    # -- building here ---------------------------------------------------------------------------
+    def _build(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
+        path = self.store.engine_path(key)
+        hooks.stage(f"building {self.backend.name} {self.backend.version()} engine {key}")
+
+        def on_progress(info: BuildInfo) -> None:
+            hooks.progress(info.to_json())
+
+        try:
+            seconds = run_build(self.backend, model_path, path, self.cfg, hooks.cancelled, on_progress)
+        except BaseException:
+            self._drop_lease(key)
+            raise
+        meta = enginecache.describe(path, key, self.backend.name, self.backend.version(), self.device_id, seconds)
+        enginecache.write_sidecar(path, meta)
+        self._built.add(key)
+        hooks.notify("engine_built", {"engine_key": key, "build_s": meta.build_s, "size": meta.size})
+        return Obtained(key, path, "built", {"engine_source": "built", "build_s": meta.build_s})
+
+    def _drop_lease(self, key: str) -> None:
+        if self.share is not None and key in self._leases:
+            self._leases.discard(key)
+            self.share.release(key)
+
+    # -- the fleet's engines -----------------------------------------------------------------------
+    def _from_share(self, key: str, path: Path, hooks: Hooks) -> bool:
+        """True when a trusted agent's engine landed at `path`; False: build here."""
+        assert self.share is not None
+        share, told, waiting_on = self.share, set[str](), ""
+        hold_s = self.cfg.time_limit_s + 60
+        deadline = time.monotonic() + hold_s
+        try:
+            while time.monotonic() < deadline:
+                found = self._fetch_shared(key, path, hooks, told)
+                if found is not None:
+                    return found
+                lease = share.acquire(key, hold_s)
+                if lease.ours:
+                    self._leases.add(key)
+                    return False
+                if not share.trusted(lease.holder):
+                    hooks.notify("shared_engine_ignored", _why(key, lease.holder, "lease held by an untrusted builder"))
+                    return False
+                reason = hooks.cancelled()
+                if reason:
+                    raise BuildCancelled(reason)
+                if lease.holder != waiting_on:
+                    waiting_on = lease.holder
+                    hooks.stage(f"waiting for {lease.holder} to build engine {key} (shared)")
+                time.sleep(share.cfg.poll_s * random.uniform(0.8, 1.2))
+        except ShareError as err:
+            log.warning("engine sharing unavailable (%s): building locally", err)
+            hooks.notify("shared_engine_ignored", _why(key, "", str(err)))
+        return False
+
+    def _fetch_shared(self, key: str, path: Path, hooks: Hooks, told: set[str]) -> bool | None:
+        """True: a trusted engine is at `path`; False: a trusted record's engine is bad (build
+        here); None: no usable record yet."""
+        assert self.share is not None
+        for builder, meta in self.share.records(key).items():
+            if isinstance(meta, str):
+                if builder not in told:  # one event per builder, not one per poll
+                    told.add(builder)
+                    hooks.notify("shared_engine_ignored", _why(key, builder, meta))
+                continue
+            problem = self.share.download(key, meta, path)
+            if problem is None:
+                hooks.stage(f"engine {key} from {builder} (shared, sha256 verified)")
+                return True
+            hooks.notify("shared_engine_ignored", _why(key, builder, problem))
+            return False
+        return None
+
+
+def _why(key: str, builder: str, reason: str) -> dict[str, Any]:
+    return {"engine_key": key, "builder": builder, "reason": reason}
