@@ -98,4 +98,4 @@ def test_invalid_config(tmp_path: Path) -> None:
     cfg.write_text('channel = "walk"\nstate_dir = "/tmp/x"\nsocket = "/tmp/x.sock"\n[build]\ntime_limit = 5\n')
     code, checks = doctor(cfg)
     assert code == 1 and list(checks) == ["config"]
-    assert "unknown key build.'time_limit'" in checks["config"]["detail"]
+    assert "unknown key 'build.time_limit'" in checks["config"]["detail"]
