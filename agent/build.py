@@ -21,9 +21,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from agent.config import BuildConfig
 from agent.engines import Backend
-from agent.errors import AgentError, ConfigError, RejectedModel
-from agent.tomlconf import positive
+from agent.errors import AgentError, RejectedModel
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +32,6 @@ START_METHOD = _MP.get_start_method()
 POLL_S = 0.1
 # Set by a parent before a build; a child started fresh sees the default. Tests use it to prove it.
 INHERITED_MARK = "fresh"
-
-
-@dataclass
-class BuildConfig:
-    """[build] in the agent's config."""
-
-    time_limit_s: float = 1800.0  # an Orin Nano builds a large model in minutes
-    min_available_mb: int = 300  # the memory guard kills the build below this MemAvailable
-    workspace_mb: int = 1024  # TensorRT's workspace pool cap
-    fp16: bool = True  # TensorRT: FP16 kernels where the GPU has them
-
-    def check(self) -> None:
-        positive("build.time_limit_s", self.time_limit_s)
-        positive("build.workspace_mb", self.workspace_mb)
-        if self.min_available_mb < 0:
-            raise ConfigError("build.min_available_mb: must be >= 0")
 
 
 class BuildFailed(RejectedModel):

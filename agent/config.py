@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from agent.build import BuildConfig
 from agent.errors import ConfigError
 from agent.protocol import DEFAULT_TOPIC_PREFIX
-from agent.share import ShareConfig
 from agent.tomlconf import build, positive, read_toml
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
@@ -110,6 +108,39 @@ class SecurityConfig:
 class InboxConfig:
     enabled: bool = True
     path: Path | None = None  # default: <state_dir>/inbox
+
+
+@dataclass
+class BuildConfig:
+    """[build] in the agent's config."""
+
+    time_limit_s: float = 1800.0  # an Orin Nano builds a large model in minutes
+    min_available_mb: int = 300  # the memory guard kills the build below this MemAvailable
+    workspace_mb: int = 1024  # TensorRT's workspace pool cap
+    fp16: bool = True  # TensorRT: FP16 kernels where the GPU has them
+
+    def check(self) -> None:
+        positive("build.time_limit_s", self.time_limit_s)
+        positive("build.workspace_mb", self.workspace_mb)
+        if self.min_available_mb < 0:
+            raise ConfigError("build.min_available_mb: must be >= 0")
+
+
+@dataclass
+class ShareConfig:
+    """[share] in the agent's config."""
+
+    enabled: bool = False
+    bucket: str = ""
+    prefix: str = "engines/"
+    trusted_builders: list[str] = field(default_factory=list)  # device ids; this agent is always trusted
+    upload: bool = True  # publish engines this agent built (after they pass the gate)
+    poll_s: float = 1.0  # how often a waiting agent looks for the lease holder's engine
+
+    def check(self) -> None:
+        if self.enabled and not self.bucket:
+            raise ConfigError("share.bucket: required when share.enabled = true")
+        positive("share.poll_s", self.poll_s)
 
 
 @dataclass

@@ -21,9 +21,9 @@ from agent.config import AgentConfig
 from agent.engines import Backend, engine_key, select_backend
 from agent.errors import AgentError, ProtocolError, RejectedModel
 from agent.fetch import s3_client, sha256_file
+from agent.inspect_onnx import inspect_onnx
 from agent.lifecycle import ModelState
 from agent.link import Link
-from agent.onnxinfo import check_onnx, signature
 from agent.pipeline import Candidate, Pipeline
 from agent.protocol import Announcement, Manifest, ObjectRef, Topics, decode, encode, new_event, now
 from agent.provision import Provisioner
@@ -400,11 +400,10 @@ class Daemon:
     def _deploy(self, part: Path, version: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
         """A local file takes the channel's pipeline from 'verified' on; authorised by socket access."""
         try:
-            proto = check_onnx(part)
+            inputs, outputs = inspect_onnx(part)
         except RejectedModel:
             part.unlink(missing_ok=True)
             raise
-        inputs, outputs = signature(proto)
         sha = sha256_file(part).hexdigest()
         dest = self.store.model_path(sha)
         os.replace(part, dest)

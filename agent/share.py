@@ -23,35 +23,17 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from agent.config import ShareConfig
 from agent.enginecache import EngineMeta, write_sidecar
-from agent.errors import ConfigError
 from agent.fetch import sha256_file
-from agent.tomlconf import positive
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ShareConfig:
-    """[share] in the agent's config."""
-
-    enabled: bool = False
-    bucket: str = ""
-    prefix: str = "engines/"
-    trusted_builders: list[str] = field(default_factory=list)  # device ids; this agent is always trusted
-    upload: bool = True  # publish engines this agent built (after they pass the gate)
-    poll_s: float = 1.0  # how often a waiting agent looks for the lease holder's engine
-
-    def check(self) -> None:
-        if self.enabled and not self.bucket:
-            raise ConfigError("share.bucket: required when share.enabled = true")
-        positive("share.poll_s", self.poll_s)
 
 
 class ShareError(Exception):

@@ -8,12 +8,13 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import AgentError
 from agent.protocol import TensorSpec
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
