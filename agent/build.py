@@ -9,6 +9,7 @@ first (oom_score_adj 1000)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 _MP = multiprocessing.get_context("spawn")
 START_METHOD = _MP.get_start_method()
 POLL_S = 0.1
+PR_SET_PDEATHSIG = 1
 # Set by a parent before a build; a child started fresh sees the default. Tests use it to prove it.
 INHERITED_MARK = "fresh"
 
@@ -189,6 +191,7 @@ def available_mb() -> int | None:
 
 def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection) -> None:
     """The build child's main: never returns an exception silently."""
+    die_with_parent()
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")  # the OOM killer's first choice, not the daemon
@@ -210,6 +213,18 @@ def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection)
         os._exit(1)
     conn.send(("done",))
     conn.close()
+
+
+def die_with_parent() -> None:
+    """In a child: the kernel kills us when the daemon dies (even by SIGKILL), so no orphan keeps
+    writing a .part or an engine that the next start is about to use."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError) as err:  # not Linux
+        log.debug("no parent-death signal: %s", err)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def protect_daemon() -> None:

@@ -18,9 +18,9 @@ from agent import __version__, enginecache
 from agent.activation import Activation
 from agent.build import protect_daemon
 from agent.config import AgentConfig
+from agent.digest import sha256_file
 from agent.engines import Backend, engine_key, select_backend
 from agent.errors import AgentError, ProtocolError, RejectedModel
-from agent.fetch import s3_client, sha256_file
 from agent.inspect_onnx import inspect_onnx
 from agent.lifecycle import ModelState
 from agent.link import Link
@@ -59,7 +59,7 @@ class Daemon:
         self.pipeline = Pipeline(
             self.store,
             self.backend,
-            self._s3_client,
+            cfg.s3,
             cfg.disk_reserve_mb * 2**20,
             self._report_stage,
             self._report_progress,
@@ -492,6 +492,9 @@ class Daemon:
         return {"protocol": 1, "type": "status", "device_id": self.cfg.device_id, "online": False, "ts": now()}
 
     def _s3_client(self) -> Any:
+        """Only fleet engine sharing needs S3 in this process; downloads run in a child."""
+        from agent.fetch import s3_client
+
         if self._s3 is None:
             s3 = self.cfg.s3
             self._s3 = s3_client(s3.endpoint_url, s3.region, s3.connect_timeout_s, s3.read_timeout_s)

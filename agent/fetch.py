@@ -19,6 +19,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from agent.digest import sha256_file
 from agent.errors import FetchError
 from agent.protocol import ObjectRef
 
@@ -31,19 +32,6 @@ Progress = Callable[[int, int], None]
 
 class Cancelled(Exception):
     pass
-
-
-def sha256_file(path: Path, limit: int | None = None) -> hashlib._Hash:
-    h = hashlib.sha256()
-    remaining = limit if limit is not None else -1
-    with path.open("rb") as f:
-        while remaining != 0:
-            block = f.read(CHUNK if remaining < 0 else min(CHUNK, remaining))
-            if not block:
-                break
-            h.update(block)
-            remaining -= len(block) if remaining > 0 else 0
-    return h
 
 
 def fetch(

@@ -10,7 +10,7 @@ import multiprocessing
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from agent.build import exit_reason
+from agent.build import die_with_parent, exit_reason
 from agent.errors import RejectedModel
 from agent.protocol import TensorSpec
 
@@ -45,6 +45,7 @@ def inspect_onnx(path: Path, timeout_s: float = 600.0) -> Signature:
 def _child(path: str, conn: Connection) -> None:
     from agent.onnxinfo import check_onnx, signature
 
+    die_with_parent()
     try:
         conn.send((True, signature(check_onnx(Path(path)))))
     except RejectedModel as err:

@@ -4,6 +4,7 @@ ONNX, build (or find) its engine, load it and pass the gate. Stages are reported
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import fetch
 from agent.build import BuildCancelled, BuildConfig
+from agent.config import S3Config
+from agent.digest import sha256_file
+from agent.download import download
 from agent.engines import Backend, Engine
 from agent.errors import RejectedModel
 from agent.inspect_onnx import inspect_onnx
@@ -42,7 +45,7 @@ class Pipeline:
         self,
         store: Store,
         backend: Backend,
-        s3_factory: Callable[[], Any],
+        s3: S3Config,
         reserve_bytes: int,
         report: Report,
         progress: ProgressReport,
@@ -52,7 +55,7 @@ class Pipeline:
     ) -> None:
         self.store = store  # only its path helpers are used here: no DB access off the coordinator
         self.backend = backend
-        self.s3_factory = s3_factory
+        self.s3 = s3
         self.reserve_bytes = reserve_bytes
         self.report = report
         self.progress = progress
@@ -109,29 +112,22 @@ class Pipeline:
         if cand.source == "channel":
             where = "already stored; checking its sha256" if model_path.exists() else ""
             self.report(cand.record_id, ModelState.DOWNLOADING, where or f"s3://{m.model.bucket}/{m.model.key}", {})
-            s3 = self.s3_factory()
-            fetch.fetch(
-                s3,
-                m.model,
-                model_path,
-                m.sha256,
-                m.size,
-                self.reserve_bytes,
-                lambda done, total: self.progress(cand.record_id, done, total),
-                self.cancel,
-            )
+            if not _holds(model_path, m.sha256):
+                progress = functools.partial(self.progress, cand.record_id)
+                download(self.s3, m.model, model_path, m.sha256, m.size, self.reserve_bytes, progress, self.cancel)
             if m.golden is not None and m.golden_sha256 and m.golden_size is not None:
                 golden = self.store.golden_path(m.sha256)
-                fetch.fetch(
-                    s3,
-                    m.golden,
-                    golden,
-                    m.golden_sha256,
-                    m.golden_size,
-                    self.reserve_bytes,
-                    lambda *_: None,
-                    self.cancel,
-                )
+                if not _holds(golden, m.golden_sha256):
+                    download(
+                        self.s3,
+                        m.golden,
+                        golden,
+                        m.golden_sha256,
+                        m.golden_size,
+                        self.reserve_bytes,
+                        lambda *_: None,
+                        self.cancel,
+                    )
                 return golden
         return None
 
@@ -186,3 +182,8 @@ class Pipeline:
             raise
         except Exception as err:
             raise RejectedModel("build", f"engine does not load: {err}") from err
+
+
+def _holds(path: Path, sha256: str) -> bool:
+    """A content-addressed file that is already here needs no download."""
+    return path.exists() and sha256_file(path).hexdigest() == sha256

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 from botocore.exceptions import ClientError
 
+from agent.digest import sha256_file
 from agent.errors import AgentError, RejectedModel
-from agent.fetch import s3_client, sha256_file
+from agent.fetch import s3_client
 from agent.mqtt import host_port, make_client
 from agent.onnxinfo import check_onnx, signature
 from agent.protocol import Announcement, Manifest, ObjectRef, Topics, encode

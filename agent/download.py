@@ -1,0 +1,108 @@
+"""Downloads run in a spawned child process. boto3 and its HTTP/TLS stack never enter the daemon
+(about 28 MiB less resident), and reading and hashing a large object never competes with the
+serving thread for the GIL. A cancelled download is killed; its .part stays for the next resume."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from agent.build import die_with_parent, exit_reason
+from agent.config import S3Config
+from agent.errors import AgentError, FetchError
+from agent.protocol import ObjectRef
+
+_MP = multiprocessing.get_context("spawn")
+POLL_S = 0.1
+PROGRESS_STEP = 1 << 20
+
+
+class DownloadCancelled(AgentError):
+    """The agent is stopping: the .part stays, and the next start resumes it."""
+
+
+def download(
+    s3: S3Config,
+    ref: ObjectRef,
+    dest: Path,
+    sha256: str,
+    size: int,
+    reserve_bytes: int,
+    progress: Callable[[int, int], None],
+    cancel: threading.Event,
+) -> None:
+    """agent.fetch.fetch in a child; FetchError with its reason, DownloadCancelled when `cancel` is set."""
+    recv, send = _MP.Pipe(duplex=False)
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    args = (s3, ref, str(dest), sha256, size, reserve_bytes, send, level)
+    proc = _MP.Process(target=_child, args=args, name="download", daemon=True)
+    proc.start()
+    send.close()
+    try:
+        _follow(proc, recv, progress, cancel)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        recv.close()
+
+
+def _follow(
+    proc: multiprocessing.process.BaseProcess,
+    recv: Connection,
+    progress: Callable[[int, int], None],
+    cancel: threading.Event,
+) -> None:
+    while not cancel.is_set():
+        if not recv.poll(POLL_S):
+            continue
+        try:
+            msg = recv.recv()
+        except EOFError:
+            proc.join(5)
+            why = exit_reason(proc.exitcode or 0)
+            raise FetchError(f"the download process ended without a result: {why}") from None
+        if msg[0] == "progress":
+            progress(msg[1], msg[2])
+        elif msg[0] == "error":
+            raise FetchError(msg[1])
+        else:
+            return
+    raise DownloadCancelled("the agent is stopping")
+
+
+def _child(
+    s3: S3Config,
+    ref: ObjectRef,
+    dest: str,
+    sha256: str,
+    size: int,
+    reserve_bytes: int,
+    conn: Connection,
+    log_level: str,
+) -> None:
+    from agent import logsetup
+    from agent.fetch import fetch, s3_client
+
+    logsetup.setup(log_level)  # the daemon's stderr (or journal): resumes and retries show there
+    die_with_parent()
+    sent = [0]
+
+    def report(done: int, total: int) -> None:
+        if done == total or done - sent[0] >= PROGRESS_STEP:
+            sent[0] = done
+            conn.send(("progress", done, total))
+
+    try:
+        client = s3_client(s3.endpoint_url, s3.region, s3.connect_timeout_s, s3.read_timeout_s)
+        fetch(client, ref, Path(dest), sha256, size, reserve_bytes, report, threading.Event())
+        conn.send(("done",))
+    except FetchError as err:
+        conn.send(("error", err.reason))
+    except Exception as err:  # anything else still comes back as a reason
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+    conn.close()
