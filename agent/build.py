@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 _MP = multiprocessing.get_context("spawn")
 START_METHOD = _MP.get_start_method()
 POLL_S = 0.1
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+BUILD_PROCESS_NAME = "edge-build"
 # Set by a parent before a build; a child started fresh sees the default. Tests use it to prove it.
 INHERITED_MARK = "fresh"
 
@@ -191,7 +192,7 @@ def available_mb() -> int | None:
 
 def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection) -> None:
     """The build child's main: never returns an exception silently."""
-    die_with_parent()
+    die_with_parent(BUILD_PROCESS_NAME)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")  # the OOM killer's first choice, not the daemon
@@ -215,12 +216,13 @@ def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection)
     conn.close()
 
 
-def die_with_parent() -> None:
+def die_with_parent(name: str) -> None:
     """In a child: the kernel kills us when the daemon dies (even by SIGKILL), so no orphan keeps
-    writing a .part or an engine that the next start is about to use."""
+    writing a .part or an engine that the next start is about to use. `name` shows in ps/top."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(PR_SET_NAME, name.encode()[:15])
     except (OSError, AttributeError) as err:  # not Linux
         log.debug("no parent-death signal: %s", err)
     if os.getppid() == 1:  # the parent died before prctl took effect

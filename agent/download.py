@@ -89,7 +89,7 @@ def _child(
     from agent.fetch import fetch, s3_client
 
     logsetup.setup(log_level)  # the daemon's stderr (or journal): resumes and retries show there
-    die_with_parent()
+    die_with_parent("edge-download")
     sent = [0]
 
     def report(done: int, total: int) -> None:

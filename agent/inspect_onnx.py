@@ -45,7 +45,7 @@ def inspect_onnx(path: Path, timeout_s: float = 600.0) -> Signature:
 def _child(path: str, conn: Connection) -> None:
     from agent.onnxinfo import check_onnx, signature
 
-    die_with_parent()
+    die_with_parent("edge-onnx-check")
     try:
         conn.send((True, signature(check_onnx(Path(path)))))
     except RejectedModel as err:

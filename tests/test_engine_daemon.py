@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.build import BUILD_PROCESS_NAME
 from agent.client import Policy
 from tests.conftest import Fleet, mlp, wait_for
 from tests.services import stop
@@ -43,7 +44,7 @@ def build_child(agent: subprocess.Popen[bytes], timeout: float = 30) -> int:
         for task in Path(f"/proc/{agent.pid}/task").iterdir():
             for pid in (task / "children").read_text().split():
                 try:
-                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == BUILD_PROCESS_NAME:
                         return int(pid)
                 except OSError:
                     continue
