@@ -129,7 +129,8 @@ def format_status(s: dict[str, Any]) -> str:
         else "  active    none yet"
     )
     if p:
-        pct = f" {100 * p['downloaded_bytes'] / p['total_bytes']:.0f}%" if p["total_bytes"] else ""
+        downloading = p["stage"] == "downloading" and p["total_bytes"]
+        pct = f" {100 * p['downloaded_bytes'] / p['total_bytes']:.0f}%" if downloading else ""
         lines.append(f"  pending   {p['version']}: {p['stage']}{pct} ({p['reason']})")
         b = p.get("build")
         if b:

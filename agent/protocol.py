@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import ProtocolError
@@ -277,7 +277,3 @@ def _list(obj: dict[str, Any], key: str) -> list[Any]:
     if not isinstance(v, list) or not v:
         raise ProtocolError(f"{key} must be a non-empty list")
     return v
-
-
-def asjson(obj: Any) -> dict[str, Any]:
-    return asdict(obj)
