@@ -11,7 +11,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.config import MqttConfig
-from agent.mqtt import SESSION_TAKEN_OVER, host_port, jitter_backoff, make_client, session_properties
+from agent.mqtt import SESSION_TAKEN_OVER, client_for, host_port, jitter_backoff, session_properties
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,7 @@ class Link:
         self.events = events
         self.connected = False
         self.conflict_until = 0.0
-        self.client = make_client(
-            f"edge-agent-{device_id}",
-            cfg.url,
-            username=cfg.username,
-            password_file=cfg.password_file,
-            ca_file=cfg.ca_file,
-            cert_file=cfg.cert_file,
-            key_file=cfg.key_file,
-            reconnect_min_s=cfg.reconnect_min_s,
-            reconnect_max_s=cfg.reconnect_max_s,
-        )
+        self.client = client_for(f"edge-agent-{device_id}", cfg, cfg.reconnect_min_s, cfg.reconnect_max_s)
         self.client.will_set(will_topic, will_payload, qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect

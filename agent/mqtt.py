@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import ssl
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -41,6 +42,33 @@ def make_client(
         client.username_pw_set(username, password)
     jitter_backoff(client, reconnect_min_s, reconnect_max_s)
     return client
+
+
+class MqttSettings(Protocol):
+    """What the agent's and the fleet's [mqtt] sections both say about reaching the broker."""
+
+    url: str
+    username: str | None
+    password_file: Path | None
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+
+
+def client_for(
+    client_id: str, m: MqttSettings, reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0
+) -> mqtt.Client:
+    return make_client(
+        client_id,
+        m.url,
+        username=m.username,
+        password_file=m.password_file,
+        ca_file=m.ca_file,
+        cert_file=m.cert_file,
+        key_file=m.key_file,
+        reconnect_min_s=reconnect_min_s,
+        reconnect_max_s=reconnect_max_s,
+    )
 
 
 def jitter_backoff(client: mqtt.Client, lo: float, hi: float) -> None:

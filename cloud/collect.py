@@ -11,7 +11,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.errors import ProtocolError
-from agent.mqtt import host_port, make_client, session_properties
+from agent.mqtt import client_for, host_port, session_properties
 from agent.protocol import Topics, decode
 from cloud.config import FleetConfig
 from cloud.fleetdb import FleetDB
@@ -26,15 +26,7 @@ class Collector:
         self.db = FleetDB(cfg.collector.db)
         self.stop_event = threading.Event()
         m = cfg.mqtt
-        self.client = make_client(
-            m.client_id,
-            m.url,
-            username=m.username,
-            password_file=m.password_file,
-            ca_file=m.ca_file,
-            cert_file=m.cert_file,
-            key_file=m.key_file,
-        )
+        self.client = client_for(m.client_id, m)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.ignored = 0

@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 from agent.digest import sha256_file
 from agent.errors import AgentError, RejectedModel
 from agent.fetch import s3_client
-from agent.mqtt import host_port, make_client
+from agent.mqtt import client_for, host_port
 from agent.onnxinfo import check_onnx, signature
 from agent.protocol import Announcement, Manifest, ObjectRef, Topics, encode
 from cloud.config import FleetConfig
@@ -103,15 +103,7 @@ def announce(cfg: FleetConfig, s3: Any, channel: str, manifest: Manifest, sign_k
 
 def send_retained(cfg: FleetConfig, topic: str, payload: bytes, timeout: float = 10.0) -> None:
     m = cfg.mqtt
-    client = make_client(
-        f"fleet-publish-{hashlib.sha256(topic.encode()).hexdigest()[:8]}-{time.time_ns()}",
-        m.url,
-        username=m.username,
-        password_file=m.password_file,
-        ca_file=m.ca_file,
-        cert_file=m.cert_file,
-        key_file=m.key_file,
-    )
+    client = client_for(f"fleet-publish-{hashlib.sha256(topic.encode()).hexdigest()[:8]}-{time.time_ns()}", m)
     host, port = host_port(m.url)
     try:
         client.connect(host, port, keepalive=m.keepalive_s)
