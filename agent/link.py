@@ -6,6 +6,7 @@ import contextlib
 import logging
 import queue
 import time
+from collections import deque
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -16,6 +17,7 @@ from agent.mqtt import SESSION_TAKEN_OVER, client_for, host_port, jitter_backoff
 log = logging.getLogger(__name__)
 
 CONFLICT_BACKOFF_S = 300.0
+FLAP_UPTIME_S, FLAP_WINDOW_S, FLAP_COUNT = 5.0, 30.0, 3  # 3 sessions under 5 s within 30 s = a twin
 
 
 class Link:
@@ -34,6 +36,9 @@ class Link:
         self.events = events
         self.connected = False
         self.conflict_until = 0.0
+        self.device_id = device_id
+        self._connected_at = 0.0
+        self._short_sessions: deque[float] = deque(maxlen=FLAP_COUNT)
         self.client = client_for(f"edge-agent-{device_id}", cfg, cfg.reconnect_min_s, cfg.reconnect_max_s)
         self.client.will_set(will_topic, will_payload, qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -78,17 +83,29 @@ class Link:
             log.warning("broker refused the connection: %s", rc)
             return
         self.connected = True
+        self._connected_at = time.monotonic()
         self.events.put(("mqtt-connected", bool(flags.session_present)))
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self.connected = False
         jitter_backoff(client, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
-        if rc == SESSION_TAKEN_OVER:
-            # Another agent uses our device_id. Reconnecting at once would kick it off in turn,
-            # and the two would loop; back off for minutes and say so in the status.
+        if rc == SESSION_TAKEN_OVER or self._flapping():
+            # Another agent uses our device_id (the broker hands it our session). Reconnecting at once
+            # would kick it off in turn, and the two would loop; back off for minutes (jittered, so
+            # twins drift apart) and say so in the status.
             self.conflict_until = time.time() + CONFLICT_BACKOFF_S
-            client.reconnect_delay_set(min_delay=int(CONFLICT_BACKOFF_S), max_delay=int(CONFLICT_BACKOFF_S))
+            jitter_backoff(client, CONFLICT_BACKOFF_S, 2 * CONFLICT_BACKOFF_S)
+            log.error("the broker keeps handing this session to another client: is device_id %r used by "
+                      "two agents? Backing off for %.0f s", self.device_id, CONFLICT_BACKOFF_S)
         self.events.put(("mqtt-disconnected", str(rc)))
+
+    def _flapping(self) -> bool:
+        """Sessions that end right after they start, again and again: mosquitto closes a taken-over
+        session without telling why, so this is how a twin shows itself."""
+        now = time.monotonic()
+        if self._connected_at and now - self._connected_at < FLAP_UPTIME_S:
+            self._short_sessions.append(now)
+        return sum(1 for t in self._short_sessions if now - t < FLAP_WINDOW_S) >= FLAP_COUNT
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self.events.put(("mqtt-message", msg.topic, bytes(msg.payload), bool(msg.retain)))

@@ -26,7 +26,11 @@ def test_build_runs_in_a_fresh_spawned_child(tmp_path: Path, monkeypatch: pytest
     seen: list[tuple[int, str, str]] = []
     engine = tmp_path / "engine"
     seconds = run_build(
-        OnnxRuntimeBackend(), mlp(tmp_path / "m.onnx"), engine, BuildConfig(), never,
+        OnnxRuntimeBackend(),
+        mlp(tmp_path / "m.onnx"),
+        engine,
+        BuildConfig(),
+        never,
         lambda i: seen.append((i.pid, i.stage, i.child_mark)),
     )
     assert engine.stat().st_size > 0 and seconds > 0
@@ -40,8 +44,14 @@ def test_time_limit_kills_the_build(tmp_path: Path) -> None:
     engine = tmp_path / "engine"
     with pytest.raises(BuildFailed, match=r"exceeded its time limit of 0\.05 s"):
         # A spawned interpreter importing ONNX Runtime takes far longer than 50 ms.
-        run_build(OnnxRuntimeBackend(), mlp(tmp_path / "m.onnx"), engine, BuildConfig(time_limit_s=0.05), never,
-                  lambda i: None)
+        run_build(
+            OnnxRuntimeBackend(),
+            mlp(tmp_path / "m.onnx"),
+            engine,
+            BuildConfig(time_limit_s=0.05),
+            never,
+            lambda i: None,
+        )
     assert not engine.exists() and not (tmp_path / "engine.part").exists()
 
 
@@ -69,14 +79,26 @@ def test_a_model_the_backend_cannot_build_is_rejected_with_its_message(tmp_path:
 
 def test_cancellation_stops_the_build(tmp_path: Path) -> None:
     with pytest.raises(BuildCancelled, match="superseded by v2"):
-        run_build(OnnxRuntimeBackend(), mlp(tmp_path / "m.onnx"), tmp_path / "engine", BuildConfig(),
-                  lambda: "superseded by v2", lambda i: None)
+        run_build(
+            OnnxRuntimeBackend(),
+            mlp(tmp_path / "m.onnx"),
+            tmp_path / "engine",
+            BuildConfig(),
+            lambda: "superseded by v2",
+            lambda i: None,
+        )
 
 
 def test_a_crashing_build_is_reported_with_its_signal(tmp_path: Path) -> None:
     with pytest.raises(BuildFailed, match=r"killed by signal 11 \(SIGSEGV\)$"):
-        run_build(SegfaultingOnnxRuntime(), mlp(tmp_path / "m.onnx"), tmp_path / "engine", BuildConfig(), never,
-                  lambda i: None)
+        run_build(
+            SegfaultingOnnxRuntime(),
+            mlp(tmp_path / "m.onnx"),
+            tmp_path / "engine",
+            BuildConfig(),
+            never,
+            lambda i: None,
+        )
 
 
 def test_exit_reasons_name_the_signal() -> None:

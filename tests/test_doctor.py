@@ -16,14 +16,28 @@ from tests.services import Mosquitto, MotoS3, bin_path, free_port, s3_env, write
 
 
 def config(folder: Path, broker: str, s3: str, extra: str = "") -> Path:
-    return write_agent_config(folder / "agent.toml", broker=broker, s3=s3, state_dir=folder / "state",
-                              socket_path=folder / "run" / "infer.sock", channel="walk", device_id="go2-01",
-                              prefix="doctor", extra=extra)
+    return write_agent_config(
+        folder / "agent.toml",
+        broker=broker,
+        s3=s3,
+        state_dir=folder / "state",
+        socket_path=folder / "run" / "infer.sock",
+        channel="walk",
+        device_id="go2-01",
+        prefix="doctor",
+        extra=extra,
+    )
 
 
 def doctor(cfg: Path, prefix: tuple[str, ...] = ()) -> tuple[int, dict[str, dict[str, Any]]]:
-    r = subprocess.run([*prefix, bin_path("agent"), "--config", str(cfg), "doctor", "--json"], capture_output=True,
-                       text=True, env={**os.environ, **s3_env()}, timeout=60, check=False)
+    r = subprocess.run(
+        [*prefix, bin_path("agent"), "--config", str(cfg), "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **s3_env()},
+        timeout=60,
+        check=False,
+    )
     report = json.loads(r.stdout)
     assert report["ok"] == (r.returncode == 0)
     return r.returncode, {c["name"]: c for c in report["checks"]}

@@ -110,3 +110,34 @@ def test_agent_status_human_output(fleet: Fleet, tmp_path: Path) -> None:
     fleet.wait_active(cfg, "v1")
     text = fleet.agent(cfg, "status").stdout
     assert "go2-02: running" in text and "active    v1" in text and "broker    connected" in text
+
+
+def test_two_agents_with_one_device_id_are_reported_not_looped(fleet: Fleet, tmp_path: Path) -> None:
+    first = fleet.agent_config("twin-a")
+    second = fleet.agent_config("twin-b")
+    for cfg in (first, second):  # two robots whose SD cards were cloned: one device_id
+        cfg.write_text(
+            cfg.read_text()
+            .replace('device_id = "twin-a"', 'device_id = "twin"')
+            .replace('device_id = "twin-b"', 'device_id = "twin"')
+        )
+    fleet.start_agent(first)
+    wait_for(lambda: fleet.status(first)["broker"]["connected"], 20, "first connected")
+    fleet.start_agent(second)
+
+    def one_backed_off() -> tuple[Path, Path] | None:
+        conflicted = [c for c in (first, second) if fleet.status(c)["broker"]["conflict"]]
+        if len(conflicted) != 1:
+            return None
+        return conflicted[0], second if conflicted[0] == first else first
+
+    loser, winner = wait_for(one_backed_off, 30, "one twin told of the other and backing off")
+    status = fleet.status(loser)
+    assert (
+        not status["broker"]["connected"]
+        and "another agent connected with this device_id" in status["broker"]["conflict"]
+    )
+    time.sleep(3)  # no ping-pong: the loser stays away instead of taking the session back
+    assert fleet.status(winner)["broker"]["connected"] and not fleet.status(loser)["broker"]["connected"]
+    assert fleet.status(winner)["broker"]["conflict"] is None
+    assert "WARNING   another agent connected with this device_id" in fleet.agent(loser, "status").stdout

@@ -12,8 +12,13 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "jetson-smoke"
 
 
 def test_jetson_smoke_with_onnxruntime() -> None:
-    r = subprocess.run([sys.executable, str(SCRIPT), "--backend", "onnxruntime", "--runs", "200"],
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--backend", "onnxruntime", "--runs", "200"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = {line.split()[0]: line for line in r.stdout.splitlines()}
     assert lines["backend"].startswith("backend    onnxruntime ")
@@ -29,6 +34,7 @@ def test_jetson_smoke_explains_a_missing_tensorrt() -> None:
         pytest.skip("tensorrt is importable here: the smoke test runs the real thing")
     except ImportError:
         pass
-    r = subprocess.run([sys.executable, str(SCRIPT), "--backend", "tensorrt"], capture_output=True, text=True,
-                       timeout=60, check=False)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--backend", "tensorrt"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert r.returncode == 2 and "backend tensorrt is not usable here: tensorrt is not importable" in r.stdout

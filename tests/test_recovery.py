@@ -79,11 +79,17 @@ def test_events_made_while_the_broker_is_down_arrive_after_it_returns(
             60,
             "the offline events in fleet events",
         )
-        states = [e["state"] for e in fleet.events("go2-outage")
-                  if e.get("version") == "offline-v2" and e["kind"] == "model_state"]
+        states = [
+            e["state"]
+            for e in fleet.events("go2-outage")
+            if e.get("version") == "offline-v2" and e["kind"] == "model_state"
+        ]
         assert states == ["announced", "verified", "building", "validating", "staged", "active"]
-        assert all(e["source"] == "local" for e in fleet.events("go2-outage")
-                   if e.get("version") == "offline-v2" and e["kind"] == "model_state")
+        assert all(
+            e["source"] == "local"
+            for e in fleet.events("go2-outage")
+            if e.get("version") == "offline-v2" and e["kind"] == "model_state"
+        )
         wait_for(lambda: fleet.status(cfg)["outbox"] == 0, 20, "outbox drained")
         rows = json.loads(fleet.fleet("status", "--json").stdout)
         assert rows[0]["active_version"] == "offline-v2"

@@ -89,8 +89,10 @@ def test_an_untrusted_builder_is_ignored_with_an_event(tmp_path: Path, s3: MotoS
     rec = Recorder()
     got = agent(tmp_path, s3, bucket, "go2-01", ["go2-02"]).obtain(sha, path, rec.hooks())
     assert got.source == "built" and rec.builds == 1
-    assert ("shared_engine_ignored", {"engine_key": got.key, "builder": "stranger", "reason": "untrusted builder"}) \
-        in rec.events
+    assert (
+        "shared_engine_ignored",
+        {"engine_key": got.key, "builder": "stranger", "reason": "untrusted builder"},
+    ) in rec.events
 
 
 def test_a_shared_engine_whose_hash_does_not_match_is_ignored(tmp_path: Path, s3: MotoS3, bucket: str) -> None:
