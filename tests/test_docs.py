@@ -30,3 +30,12 @@ def test_toml_example_loads(block: str, tmp_path: Path) -> None:
     needed = "".join(line + "\n" for line in MINIMAL.splitlines() if line.split(" =")[0] + " =" not in block)
     p.write_text(needed + block)
     config.load(p)
+
+
+def test_install_template_loads_once_filled_in(tmp_path: Path) -> None:
+    """systemd/agent.toml.example, as scripts/install-jetson.sh writes it."""
+    template = (Path(__file__).resolve().parents[1] / "systemd" / "agent.toml.example").read_text()
+    p = tmp_path / "agent.toml"
+    p.write_text(template.replace("@CHANNEL@", "go2-walk").replace("@MQTT_URL@", "mqtts://broker.lab:8883"))
+    cfg = config.load(p)
+    assert cfg.state_dir == Path("/var/lib/edge-agent") and cfg.socket.name == "infer.sock"
