@@ -50,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", type=Path)
     c.add_argument("--version", dest="model_version", default="")
     c.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the outcome (0: don't)")
+    c.add_argument("--skip-check", action="append", default=[], choices=["sim"],
+                   help="force the model past this gate check (recorded as forced)")
+    c.add_argument("--deploy-config", type=Path, help="the Go2 deploy config (TOML/JSON) that goes with the model")
     c.set_defaults(func=cmd_deploy)
+    from agent.go2.cli import add_parser as add_go2
+
+    add_go2(sub)
     return p
 
 
@@ -135,11 +141,14 @@ def cmd_deploy(cfg: AgentConfig, args: argparse.Namespace) -> int:
     path: Path = args.model
     if not path.is_file():
         raise AgentError(f"{path}: no such file")
-    reply = _ask(
-        cfg,
-        {"cmd": "deploy", "version": args.model_version, "size": path.stat().st_size, "name": path.name},
-        payload=path,
-    )
+    request = {"cmd": "deploy", "version": args.model_version, "size": path.stat().st_size, "name": path.name}
+    if args.skip_check:
+        request["skip_checks"] = sorted(set(args.skip_check))
+    if args.deploy_config is not None:
+        from agent.go2.deploy import load as load_deploy_config
+
+        request["deploy_config"] = load_deploy_config(args.deploy_config).source
+    reply = _ask(cfg, request, payload=path)
     print(f"deploying {reply['version']} (sha256 {reply['sha256'][:12]})")
     if args.wait <= 0:
         return 0

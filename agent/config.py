@@ -10,6 +10,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from agent.errors import ConfigError
+from agent.go2.settings import Go2Config
 from agent.protocol import DEFAULT_TOPIC_PREFIX
 from agent.tomlconf import build, positive, read_toml
 
@@ -71,6 +72,7 @@ class AgentConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     s3: S3Config = field(default_factory=S3Config)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    go2: Go2Config | None = None  # the Go2 controller and the sim gate (agent/go2)
 
     def check(self) -> None:
         if not self.channel or "/" in self.channel or "+" in self.channel or "#" in self.channel:

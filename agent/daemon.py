@@ -56,6 +56,7 @@ class Daemon:
             cfg.disk_reserve_mb * 2**20,
             self._report_stage,
             self._report_progress,
+            behaviour=self._behaviour_check(),
         )
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         from agent.control import ControlServer
@@ -264,7 +265,9 @@ class Daemon:
             log.error("the active model %s does not load from its engine: %s", rec.version, err)
             self.transition(rec, ModelState.ROLLED_BACK, f"engine does not load after restart: {err}")
             return
-        self.server.swap_now(ServedModel(engine, rec.version, rec.sha256, self.backend.name))
+        self.server.swap_now(
+            ServedModel(engine, rec.version, rec.sha256, self.backend.name, rec.manifest.extra.get("deploy_config"))
+        )
         log.info("restored active model %s from %s", rec.version, rec.engine_key)
 
     def _resume_unfinished(self) -> None:
@@ -283,12 +286,12 @@ class Daemon:
             if cmd == "status":
                 return {"ok": True, "status": self.status.build()}
             if cmd == "deploy":
-                return self._deploy(Path(req["path"]), str(req.get("version") or ""))
+                return self._deploy(Path(req["path"]), str(req.get("version") or ""), _deploy_extra(req))
         except AgentError as err:
             return {"ok": False, "error": str(err)}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
-    def _deploy(self, part: Path, version: str) -> dict[str, Any]:
+    def _deploy(self, part: Path, version: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """A local file takes the channel's pipeline from 'verified' on; authorised by socket access."""
         try:
             proto = check_onnx(part)
@@ -307,8 +310,10 @@ class Daemon:
             inputs=inputs,
             outputs=outputs,
             created_at=now(),
+            extra=extra or {},
         )
-        rec = self.store.add(manifest, self.cfg.channel, None, "local", "deployed from a local file")
+        forced = f"; forced past: {', '.join(extra['skip_checks'])}" if extra and extra.get("skip_checks") else ""
+        rec = self.store.add(manifest, self.cfg.channel, None, "local", f"deployed from a local file{forced}")
         self._announce_event(rec)
         self._schedule(Candidate(rec.id, manifest, "local"))
         return {"ok": True, "id": rec.id, "version": manifest.version, "sha256": sha}
@@ -382,11 +387,34 @@ class Daemon:
     def _offline_status(self) -> dict[str, Any]:
         return {"protocol": 1, "type": "status", "device_id": self.cfg.device_id, "online": False, "ts": now()}
 
+    def _behaviour_check(self) -> Any:
+        """The Go2 gate (deploy config, sim rollout) when the config has a [go2] section."""
+        if self.cfg.go2 is None:
+            return None
+        from agent.go2.simgate import Go2Gate
+
+        return Go2Gate(self.cfg.go2)
+
     def _s3_client(self) -> Any:
         if self._s3 is None:
             s3 = self.cfg.s3
             self._s3 = s3_client(s3.endpoint_url, s3.region, s3.connect_timeout_s, s3.read_timeout_s)
         return self._s3
+
+
+def _deploy_extra(req: dict[str, Any]) -> dict[str, Any]:
+    """Manifest extras a local deploy may carry: checks forced past, the Go2 deploy config."""
+    extra: dict[str, Any] = {}
+    skip = req.get("skip_checks") or []
+    if not isinstance(skip, list) or any(c not in ("sim",) for c in skip):
+        raise AgentError(f"skip_checks: only 'sim' can be skipped, got {skip!r}")
+    if skip:
+        extra["skip_checks"] = sorted(skip)
+    if req.get("deploy_config") is not None:
+        from agent.go2.deploy import from_dict
+
+        extra["deploy_config"] = from_dict(req["deploy_config"]).source
+    return extra
 
 
 _RESUMABLE = (

@@ -19,7 +19,7 @@ from agent.onnxinfo import check_onnx, signature
 from agent.protocol import Manifest, TensorSpec, signature_diff
 from agent.serve import ServedModel
 from agent.store import Store
-from agent.validate import run_gate
+from agent.validate import BehaviourCheck, run_gate
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,13 @@ class ActiveContract:
     outputs: list[TensorSpec]
 
 
+def skipped_checks(cand: Candidate) -> frozenset[str]:
+    """Checks a local deploy forced past (`agent deploy --skip-check sim`); never from a channel."""
+    if cand.source != "local":
+        return frozenset()
+    return frozenset(str(c) for c in cand.manifest.extra.get("skip_checks", []))
+
+
 class Pipeline:
     def __init__(
         self,
@@ -49,6 +56,7 @@ class Pipeline:
         reserve_bytes: int,
         report: Report,
         progress: ProgressReport,
+        behaviour: BehaviourCheck | None = None,
     ) -> None:
         self.store = store  # only its path helpers are used here: no DB access off the coordinator
         self.backend = backend
@@ -56,6 +64,7 @@ class Pipeline:
         self.reserve_bytes = reserve_bytes
         self.report = report
         self.progress = progress
+        self.behaviour = behaviour  # e.g. the Go2 sim gate
         self.cancel = threading.Event()
 
     def prepare(self, cand: Candidate, active: ActiveContract | None) -> ServedModel:
@@ -66,13 +75,23 @@ class Pipeline:
         key, engine_path = self._build(cand, model_path)
         self.report(cand.record_id, ModelState.VALIDATING, "engine loaded; running the gate", {})
         engine = self._load(engine_path, model_path)
+        skip = skipped_checks(cand)
         try:
-            gate = run_gate(engine, m, active.inputs if active else None, active.outputs if active else None, golden)
+            gate = run_gate(
+                engine,
+                m,
+                active.inputs if active else None,
+                active.outputs if active else None,
+                golden,
+                self.behaviour,
+                skip,
+            )
         except BaseException:
             engine.close()
             raise
-        self.report(cand.record_id, ModelState.STAGED, "passed the gate", {"engine_key": key, **gate.figures})
-        return ServedModel(engine, m.version, m.sha256, self.backend.name)
+        reason = "passed the gate" + (f" (forced past: {', '.join(sorted(skip))})" if skip else "")
+        self.report(cand.record_id, ModelState.STAGED, reason, {"engine_key": key, **gate.figures})
+        return ServedModel(engine, m.version, m.sha256, self.backend.name, m.extra.get("deploy_config"))
 
     def _download(self, cand: Candidate, model_path: Path) -> Path | None:
         m = cand.manifest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ LATENCY_CALLS = 200
 RANDOM_SAMPLES = 8
 
 
+# A behavioural check (the Go2 sim rollout, agent/go2/simgate.py): (engine, manifest, skipped check
+# names) -> figures; it raises RejectedModel with its figures in the reason.
+BehaviourCheck = Callable[[Engine, Manifest, frozenset[str]], dict[str, Any]]
+
+
 @dataclass
 class GateResult:
     figures: dict[str, Any] = field(default_factory=dict)
@@ -30,6 +36,8 @@ def run_gate(
     active: list[TensorSpec] | None,
     active_outputs: list[TensorSpec] | None,
     golden: Path | None,
+    behaviour: BehaviourCheck | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> GateResult:
     result = GateResult()
     check_contract(engine, manifest, active, active_outputs)
@@ -40,6 +48,8 @@ def run_gate(
         samples = ins + samples
     check_finite(engine, samples)
     result.figures.update(check_latency(engine, samples[0], manifest))
+    if behaviour is not None:
+        result.figures.update(behaviour(engine, manifest, skip))
     return result
 
 

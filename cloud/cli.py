@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--channel", required=True)
     c.add_argument("--version", dest="model_version")
     c.add_argument("--golden", type=Path, help=".npz of inputs/<name> and outputs/<name> (README: Golden I/O)")
+    c.add_argument("--deploy-config", type=Path, help="Go2 deploy config (TOML/JSON) carried in the manifest")
     c.set_defaults(func=cmd_publish)
     c = sub.add_parser("collect", help="store device status, events and telemetry (long-running)")
     c.set_defaults(func=cmd_collect)
@@ -52,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
     from cloud.publish import publish
 
-    ann = publish(cfg, args.model, args.channel, args.model_version, args.golden)
+    extra = None
+    if args.deploy_config is not None:
+        from cloud.publish import deploy_config_extra
+
+        extra = deploy_config_extra(args.deploy_config, args.model)
+    ann = publish(cfg, args.model, args.channel, args.model_version, args.golden, extra)
     print(
         json.dumps(
             {
