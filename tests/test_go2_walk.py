@@ -1,0 +1,73 @@
+"""The controller walking the simulated Go2 over DDS with the robot_lab policy served by the agent,
+through a hot swap; the sim gate and the safety layer on a policy that blows up. Real processes:
+mosquitto, moto S3, `agent run`, `agent go2 sim --lockstep`, `agent go2 run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Fleet
+from tests.go2util import (
+    PRESETS,
+    arm,
+    controller_status,
+    dds_domain,
+    go2_data,
+    go2_section,
+    need_stack,
+    variant,
+    wait_mode,
+    wait_trace,
+)
+from tests.services import bin_path
+
+pytestmark = pytest.mark.integration
+
+WALK_TICKS = 5000  # 10 s of simulated time at 500 Hz
+
+
+def start_sim(fleet: Fleet, cfg: Path, data: Path, trace: Path, *extra: str) -> None:
+    fleet.spawn([bin_path("agent"), "--config", str(cfg), "go2", "sim", "--mjcf", str(data / "mjcf" / "scene_flat.xml"),
+                 "--lockstep", "--trace", str(trace), *extra], cfg.parent / "sim.log")
+
+
+def start_controller(fleet: Fleet, cfg: Path) -> None:
+    fleet.spawn([bin_path("agent"), "--config", str(cfg), "go2", "run"], cfg.parent / "controller.log")
+
+
+def test_walks_through_a_hot_swap(fleet: Fleet, tmp_path: Path) -> None:
+    need_stack()
+    data = go2_data()
+    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data))
+    fleet.start_agent(cfg)
+    deploy_cfg = str(PRESETS / "robot_lab.toml")
+    v1 = variant(data / "policy" / "robot_lab.onnx", tmp_path / "v1.onnx", "v1")
+    fleet.publish(v1, "v1", "--deploy-config", deploy_cfg)
+    fleet.wait_active(cfg, "v1", timeout=120)
+
+    trace = tmp_path / "trace.jsonl"
+    start_sim(fleet, cfg, data, trace)
+    start_controller(fleet, cfg)
+    arm(cfg)
+    walk = wait_mode(cfg, "walk", 120)
+    t0 = walk["tick"]
+    v2 = variant(data / "policy" / "robot_lab.onnx", tmp_path / "v2.onnx", "v2")
+    fleet.publish(v2, "v2", "--deploy-config", deploy_cfg)
+
+    rows = wait_trace(trace, t0 + WALK_TICKS, 600)
+    status = controller_status(cfg)
+    window = [r for r in rows if t0 <= r["tick"] <= t0 + WALK_TICKS]
+    progress = window[-1]["x"] - window[0]["x"]
+    min_height = min(r["z"] for r in window)
+    swaps = [e for e in status["events"] if e["kind"] == "model"]
+    modes = [e["mode"] for e in status["events"] if e["kind"] == "mode"]
+    print(f"\nwalk: {progress:.2f} m forward in {(window[-1]['tick'] - window[0]['tick']) / 500:.1f} s simulated, "
+          f"min base height {min_height:.3f} m; model versions {[(e['version'], e['tick'] - t0) for e in swaps]}")
+    assert progress > 2.5
+    assert min_height >= 0.2
+    assert [e["version"] for e in swaps][-2:] == ["v1", "v2"]
+    assert t0 < swaps[-1]["tick"] < t0 + WALK_TICKS  # the swap landed mid-walk
+    assert modes[-1] == "walk" and "damp" not in modes and "hold" not in modes
+    assert status["model_version"] == "v2"
