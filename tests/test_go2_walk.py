@@ -4,6 +4,7 @@ mosquitto, moto S3, `agent run`, `agent go2 sim --lockstep`, `agent go2 run`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,10 @@ pytestmark = pytest.mark.integration
 WALK_TICKS = 5000  # 10 s of simulated time at 500 Hz
 
 
-def start_sim(fleet: Fleet, cfg: Path, data: Path, trace: Path, *extra: str) -> None:
+def start_sim(fleet: Fleet, cfg: Path, data: Path, trace: Path, *extra: str, lockstep: bool = True) -> None:
+    mode = ["--lockstep"] if lockstep else []
     fleet.spawn([bin_path("agent"), "--config", str(cfg), "go2", "sim", "--mjcf", str(data / "mjcf" / "scene_flat.xml"),
-                 "--lockstep", "--trace", str(trace), *extra], cfg.parent / "sim.log")
+                 *mode, "--trace", str(trace), *extra], cfg.parent / "sim.log")
 
 
 def start_controller(fleet: Fleet, cfg: Path) -> None:
@@ -71,3 +73,48 @@ def test_walks_through_a_hot_swap(fleet: Fleet, tmp_path: Path) -> None:
     assert t0 < swaps[-1]["tick"] < t0 + WALK_TICKS  # the swap landed mid-walk
     assert modes[-1] == "walk" and "damp" not in modes and "hold" not in modes
     assert status["model_version"] == "v2"
+
+
+def test_blowup_rejected_by_the_sim_gate_and_damped_when_forced(fleet: Fleet, tmp_path: Path) -> None:
+    need_stack()
+    data = go2_data()
+    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data))
+    fleet.start_agent(cfg)
+    deploy_cfg = str(PRESETS / "robot_lab.toml")
+    bad = variant(data / "policy" / "robot_lab.onnx", tmp_path / "bad.onnx", "blowup", last_layer_scale=1e6)
+    fleet.publish(bad, "blowup", "--deploy-config", deploy_cfg)
+    reason = fleet.wait_rejected(cfg, "blowup", timeout=120)
+    shown = fleet.agent(cfg, "status").stdout
+    print(f"\nrejected: {reason}")
+    assert "sim gate" in reason and "beyond the bound 100" in reason and "after 0.00 s" in reason
+    assert "sim gate" in shown and "beyond the bound" in shown  # the figures reach `agent status`
+
+    out = fleet.agent(cfg, "deploy", str(bad), "--version", "blowup-forced", "--skip-check", "sim",
+                      "--deploy-config", deploy_cfg, "--wait", "120").stdout
+    assert "blowup-forced: active" in out
+    forced = next(m for m in json.loads(fleet.agent(cfg, "models", "--json").stdout) if m["version"] == "blowup-forced")
+    assert forced["figures"]["forced"] == "sim"  # recorded as forced
+
+    trace = tmp_path / "trace.jsonl"
+    start_sim(fleet, cfg, data, trace)
+    start_controller(fleet, cfg)
+    arm(cfg)
+    damp = wait_mode(cfg, "damp", 120)
+    status = controller_status(cfg)
+    print(f"controller: {damp['reason']}")
+    assert "beyond the bound 100" in damp["reason"]
+    assert [e["mode"] for e in status["events"] if e["kind"] == "mode"][-2:] == ["walk", "damp"]
+    assert status["mode"] == "damp"
+
+
+def test_deploy_config_that_does_not_fit_the_model(fleet: Fleet, tmp_path: Path) -> None:
+    need_stack()
+    data = go2_data()
+    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data))
+    fleet.start_agent(cfg)
+    model = data / "policy" / "robot_lab.onnx"
+    r = fleet.fleet("publish", str(model), "--channel", fleet.channel, "--deploy-config",
+                    str(PRESETS / "legged_gym.toml"), check=False)
+    assert r.returncode == 2 and "builds 48 observations; input 'obs' is [1, 45]" in r.stderr
+    r = fleet.agent(cfg, "deploy", str(model), "--version", "nocfg", "--wait", "120", check=False)
+    assert r.returncode == 1 and "no deploy config" in r.stdout

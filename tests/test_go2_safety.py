@@ -1,0 +1,95 @@
+"""The safety layer over DDS against the simulator: e-stop from the remote, an agent that stops
+answering (hold, then damp), a lowstate that stops arriving (damp), a clean SIGTERM; and a sim-gate
+rejection for a policy that does not walk."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import Fleet, wait_for
+from tests.go2util import (
+    PRESETS,
+    arm,
+    controller_status,
+    dds_domain,
+    go2_data,
+    go2_section,
+    need_stack,
+    variant,
+    wait_mode,
+)
+from tests.services import stop
+from tests.test_go2_walk import start_controller, start_sim
+
+pytestmark = pytest.mark.integration
+
+
+def _walking(fleet: Fleet, tmp_path: Path, *, lockstep: bool = True, sim_args: tuple[str, ...] = ()) -> Path:
+    data = go2_data()
+    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data, lockstep=lockstep, gate=False))
+    fleet.start_agent(cfg)
+    model = variant(data / "policy" / "robot_lab.onnx", tmp_path / "v1.onnx", "v1")
+    fleet.publish(model, "v1", "--deploy-config", str(PRESETS / "robot_lab.toml"))
+    fleet.wait_active(cfg, "v1", timeout=120)
+    start_sim(fleet, cfg, data, tmp_path / "trace.jsonl", *sim_args, lockstep=lockstep)
+    start_controller(fleet, cfg)
+    return cfg
+
+
+def test_estop_from_the_remote_damps(fleet: Fleet, tmp_path: Path) -> None:
+    need_stack()
+    cfg = _walking(fleet, tmp_path, sim_args=("--estop-at", "4.0"))
+    arm(cfg)
+    damp = wait_mode(cfg, "damp", 120)
+    assert damp["reason"] == "e-stop from the remote"
+    assert damp["tick"] >= 2000  # not before the key was pressed (4 s simulated)
+    assert controller_status(cfg)["mode"] == "damp"
+
+
+def test_agent_gone_holds_then_damps(fleet: Fleet, tmp_path: Path) -> None:
+    need_stack()
+    cfg = _walking(fleet, tmp_path)
+    arm(cfg)
+    wait_mode(cfg, "walk", 120)
+    stop(fleet.procs[0])  # the agent: inference answers stop
+    hold = wait_mode(cfg, "hold", 60)
+    damp = wait_mode(cfg, "damp", 60)
+    print(f"\nhold: {hold['reason']}\ndamp after {(damp['tick'] - hold['tick']) / 500:.2f} s simulated: {damp['reason']}")
+    assert "inference failed" in hold["reason"]
+    assert damp["tick"] - hold["tick"] == pytest.approx(0.5 * 500, abs=12)  # hold_s = 0.5 in sim time
+
+
+def test_stale_lowstate_damps_and_sigterm_is_clean(fleet: Fleet, tmp_path: Path) -> None:
+    need_stack()
+    cfg = _walking(fleet, tmp_path, lockstep=False)
+    arm(cfg)
+    wait_mode(cfg, "walk", 120)
+    sim = fleet.procs[-2]
+    t0 = time.monotonic()
+    stop(sim)
+    damp = wait_mode(cfg, "damp", 30)
+    print(f"\ndamping {time.monotonic() - t0:.2f} s after the simulator stopped: {damp['reason']}")
+    assert damp["reason"].startswith("lowstate stale")
+    controller = fleet.procs[-1]
+    assert stop(controller) == 0
+    log = (cfg.parent / "controller.log").read_text()
+    assert "go2 controller stopped" in log
+
+
+def test_sim_gate_rejects_a_policy_that_does_not_walk(fleet: Fleet, tmp_path: Path) -> None:
+    need_stack()
+    data = go2_data()
+    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data))
+    fleet.start_agent(cfg)
+    still = variant(data / "policy" / "robot_lab.onnx", tmp_path / "still.onnx", "still", last_layer_scale=0.0)
+    fleet.publish(still, "still", "--deploy-config", str(PRESETS / "robot_lab.toml"))
+    reason = fleet.wait_rejected(cfg, "still", timeout=120)
+    print(f"\nrejected: {reason}")
+    assert reason.startswith("sim gate: ")
+    assert "misses the target 2.5 m" in reason or "the base fell" in reason
+    assert np.isfinite(float(reason.split("progress ")[1].split(" m")[0]))
+    wait_for(lambda: "sim gate" in fleet.agent(cfg, "status").stdout, 10, "the reason in agent status")
