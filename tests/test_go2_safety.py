@@ -58,7 +58,8 @@ def test_agent_gone_holds_then_damps(fleet: Fleet, tmp_path: Path) -> None:
     stop(fleet.procs[0])  # the agent: inference answers stop
     hold = wait_mode(cfg, "hold", 60)
     damp = wait_mode(cfg, "damp", 60)
-    print(f"\nhold: {hold['reason']}\ndamp after {(damp['tick'] - hold['tick']) / 500:.2f} s simulated: {damp['reason']}")
+    held = (damp["tick"] - hold["tick"]) / 500
+    print(f"\nhold: {hold['reason']}\ndamp after {held:.2f} s simulated: {damp['reason']}")
     assert "inference failed" in hold["reason"]
     assert damp["tick"] - hold["tick"] == pytest.approx(0.5 * 500, abs=12)  # hold_s = 0.5 in sim time
 
