@@ -63,6 +63,10 @@ class Daemon:
 
         self.control = ControlServer(cfg.control_path, cfg.state_dir / "incoming", self.events)
         self.status = StatusBuilder(self)
+        self.activation = self._activation_policy()
+        self.parked: tuple[int, ServedModel] | None = None  # staged, waiting for the activation policy
+        self._parked_why = ""
+        self._next_idle_check = 0.0
         self.working: Candidate | None = None
         self.waiting: list[Candidate] = []
         self.progress: dict[int, tuple[int, int]] = {}
@@ -107,6 +111,8 @@ class Daemon:
         self.control.stop()
         self.link.stop(self.topics.status(self.cfg.device_id), encode(self._offline_status()))
         self.worker.shutdown(wait=True, cancel_futures=True)
+        if self.parked is not None:
+            self.parked[1].engine.close()
         self.server.stop()
         self.store.close()
         os.close(self._lock_fd)
@@ -136,6 +142,7 @@ class Daemon:
             event[2].put(self._on_control(event[1]))
 
     def _periodic(self) -> None:
+        self._activate_parked()
         self._drain_outbox()
         if time.monotonic() >= self._next_telemetry:
             self._next_telemetry += self.cfg.telemetry.interval_s
@@ -228,7 +235,7 @@ class Daemon:
             if not rec.state.terminal:
                 self.transition(rec, ModelState.REJECTED, error or "cancelled")
         else:
-            self._activate(rec, served)
+            self._activate_or_park(rec, served)
         if self.waiting:
             newest, older = self.waiting[-1], self.waiting[:-1]
             self.waiting = []
@@ -246,6 +253,44 @@ class Daemon:
         self.transition(rec, ModelState.ACTIVE, "swapped in; serving")
         if previous is not None and previous.id != rec.id:
             self.transition(previous, ModelState.RETIRED, f"replaced by {rec.version}")
+
+    def _activate_or_park(self, rec: ModelRecord, served: ServedModel) -> None:
+        """`when-idle`: a staged model waits (engine loaded) until the controller says the robot is idle."""
+        if self.activation is None:
+            self._activate(rec, served)
+            return
+        if self.parked is not None:
+            old_id, old = self.parked
+            old.engine.close()
+            self.transition(self.store.get(old_id), ModelState.REJECTED, f"superseded by {rec.version}")
+        self.parked = (rec.id, served)
+        self._next_idle_check = 0.0
+        self._activate_parked()
+
+    def _activate_parked(self) -> None:
+        if self.parked is None or self.activation is None or time.monotonic() < self._next_idle_check:
+            return
+        self._next_idle_check = time.monotonic() + TICK_S
+        ready, why = self.activation.ready()
+        rec = self.store.get(self.parked[0])
+        if not ready:
+            if why != self._parked_why:
+                self._parked_why = why
+                log.info("%s waits to activate: %s", rec.version, why)
+                self.emit("activation_waiting", model_id=rec.id, version=rec.version, reason=why)
+            return
+        _, served = self.parked
+        self.parked, self._parked_why = None, ""
+        self._activate(rec, served)
+
+    def _activation_policy(self) -> Any:
+        go2 = self.cfg.go2
+        if go2 is None or go2.activation == "immediate":
+            return None
+        from agent.go2.activation import WhenIdle
+        from agent.go2.cli import control_socket
+
+        return WhenIdle(control_socket(self.cfg))
 
     def _active_contract(self) -> ActiveContract | None:
         model = self.server.model

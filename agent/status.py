@@ -51,6 +51,7 @@ class StatusBuilder:
                 "source": active.source,
             },
             "pending": self._pending(),
+            "waiting_to_activate": self._parked(),
             "last_rejected": None
             if rejected is None
             else {
@@ -81,6 +82,13 @@ class StatusBuilder:
             "total_bytes": total,
             "queued": len(d.waiting),
         }
+
+    def _parked(self) -> dict[str, Any] | None:
+        """A staged model held back by the activation policy (go2 `when-idle`)."""
+        parked = getattr(self.d, "parked", None)
+        if parked is None:
+            return None
+        return {"version": parked[1].version, "reason": self.d._parked_why or "checking the controller"}
 
     def mqtt(self) -> dict[str, Any]:
         s = self.build()

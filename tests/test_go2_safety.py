@@ -94,3 +94,16 @@ def test_sim_gate_rejects_a_policy_that_does_not_walk(fleet: Fleet, tmp_path: Pa
     assert "misses the target 2.5 m" in reason or "the base fell" in reason
     assert np.isfinite(float(reason.split("progress ")[1].split(" m")[0]))
     wait_for(lambda: "sim gate" in fleet.agent(cfg, "status").stdout, 10, "the reason in agent status")
+
+
+def test_refuses_to_start_when_the_sport_service_does_not_release(tmp_path: Path) -> None:
+    need_stack()
+    from tests.conftest import run
+    from tests.services import bin_path
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'channel = "walk"\nstate_dir = "{tmp_path / "state"}"\nsocket = "{tmp_path / "infer.sock"}"\n'
+                   f'[go2]\ndomain = {dds_domain()}\ninterface = "lo"\nsimulated = false\n')
+    r = run([bin_path("agent"), "--config", str(cfg), "go2", "run"], check=False)
+    assert r.returncode == 2
+    assert "motion switcher does not answer" in r.stderr and "refusing to start" in r.stderr

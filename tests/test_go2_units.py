@@ -12,7 +12,7 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.go2 import deploy
-from agent.go2.crc import crc32_words, lowcmd_crc
+from agent.go2.crc import crc32_words
 from agent.go2.mapping import Mapper, RobotState, projected_gravity, world_to_body
 from agent.go2.safety import Safety, limit_torque
 from agent.go2.settings import Go2Config
@@ -85,10 +85,10 @@ def test_observation_layout_and_scales() -> None:
                    lin_vel_world=np.array([0.5, 0, 0]))
     obs = Mapper(cfg).observation(s, np.array([1.0, 0, 0]), np.full(12, 7.0))[0]
     assert obs.shape == (48,)
-    assert obs[:3].tolist() == [1.0, 0, 0]  # lin_vel × 2
-    assert obs[3:6].tolist() == [0.25, 0.5, 0.75]  # gyro × 0.25
+    assert obs[:3].tolist() == [1.0, 0, 0]  # lin_vel x 2
+    assert obs[3:6].tolist() == [0.25, 0.5, 0.75]  # gyro x 0.25
     assert obs[6:9].tolist() == [0, 0, -1]  # upright: gravity straight down in the body frame
-    assert obs[9:12].tolist() == [2.0, 0, 0]  # commands × [2, 2, 0.25]
+    assert obs[9:12].tolist() == [2.0, 0, 0]  # commands x [2, 2, 0.25]
     assert obs[12] == pytest.approx(3 - 0.1)  # FL hip = SDK motor 3, minus its default
     assert obs[-1] == 7.0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Fleet
+from tests.conftest import Fleet, wait_for
 from tests.go2util import (
     PRESETS,
     arm,
@@ -118,3 +118,30 @@ def test_deploy_config_that_does_not_fit_the_model(fleet: Fleet, tmp_path: Path)
     assert r.returncode == 2 and "builds 48 observations; input 'obs' is [1, 45]" in r.stderr
     r = fleet.agent(cfg, "deploy", str(model), "--version", "nocfg", "--wait", "120", check=False)
     assert r.returncode == 1 and "no deploy config" in r.stdout
+
+
+def test_when_idle_activation_waits_for_the_robot_to_stand_still(fleet: Fleet, tmp_path: Path) -> None:
+    need_stack()
+    data = go2_data()
+    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data, gate=False, extra='activation = "when-idle"\n'))
+    fleet.start_agent(cfg)
+    deploy_cfg = str(PRESETS / "robot_lab.toml")
+    fleet.publish(variant(data / "policy" / "robot_lab.onnx", tmp_path / "v1.onnx", "v1"), "v1",
+                  "--deploy-config", deploy_cfg)
+    fleet.wait_active(cfg, "v1", timeout=120)  # the first model: nothing to swap under
+    start_sim(fleet, cfg, data, tmp_path / "trace.jsonl")
+    start_controller(fleet, cfg)
+    arm(cfg)
+    wait_mode(cfg, "walk", 120)
+    fleet.publish(variant(data / "policy" / "robot_lab.onnx", tmp_path / "v2.onnx", "v2"), "v2",
+                  "--deploy-config", deploy_cfg)
+    waiting = wait_for(lambda: fleet.status(cfg).get("waiting_to_activate"), 120, "v2 parked")
+    assert waiting["version"] == "v2" and "not idle" in waiting["reason"]
+    assert fleet.status(cfg)["active"]["version"] == "v1"
+    fleet.agent(cfg, "go2", "command", "0", "0", "0")
+    fleet.wait_active(cfg, "v2", timeout=120)
+    events = controller_status(cfg)["events"]
+    stop_tick = next(e["tick"] for e in events if e["kind"] == "command")
+    swap = [e for e in events if e["kind"] == "model"][-1]
+    print(f"\nv2 activated {(swap['tick'] - stop_tick) / 500:.2f} s (simulated) after the stop command")
+    assert swap["version"] == "v2" and swap["tick"] > stop_tick

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CONTROL_HZ = 500.0
 DECIMATION = 10  # until a deploy config says otherwise
 SLEEP_SLACK_S = 0.0002
+STILL_DQ, STILL_GYRO = 0.5, 0.2  # rad/s: "standing still" for when-idle activation
 
 
 class Controller:
@@ -252,6 +253,7 @@ class Controller:
             if not isinstance(value, list) or len(value) != 3:
                 return {"ok": False, "error": "command: [vx, vy, wz]"}
             self.command = np.asarray(value, np.float64)
+            self._event("command", value=self.command.tolist())
             return {"ok": True, "command": value}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
@@ -277,15 +279,23 @@ class Controller:
             "state_tick": state.tick,
             "loop_tick": self.tick,
             "clock": "lockstep" if self.cfg.lockstep else "timer",
-            "standing_still": bool(np.abs(state.dq).max() < 0.2) and self.safety.mode in (Mode.WALK, Mode.HOLD),
+            "idle": self._idle(state),
         }
+
+    def _idle(self, state: RobotState) -> bool:
+        """Not walking: no policy in charge, or standing still on a zero command (when-idle activation)."""
+        if self.safety.mode in (Mode.PASSIVE, Mode.DAMP):
+            return True
+        still = float(np.abs(state.dq).max()) < STILL_DQ and float(np.abs(state.gyro).max()) < STILL_GYRO
+        return self.safety.mode == Mode.WALK and not self.command.any() and still
 
     def status(self) -> dict[str, Any]:
         return {**self.snapshot, "events": list(self.events)}
 
 
-def release_sport_service(cfg: Go2Config) -> None:
-    """On the real robot the built-in sport service must let go before low-level control."""
+def release_sport_service(cfg: Go2Config, tries: int = 5) -> None:
+    """On the real robot the built-in sport service must let go before low-level control; if it
+    does not answer or does not let go, the controller refuses to start."""
     from agent.errors import AgentError
 
     try:
@@ -295,12 +305,19 @@ def release_sport_service(cfg: Go2Config) -> None:
         raise AgentError("releasing the sport service needs unitree_sdk2py") from err
     ChannelFactoryInitialize(cfg.domain, cfg.interface or None)
     client = MotionSwitcherClient()
-    client.SetTimeout(5.0)
+    client.SetTimeout(3.0)
     client.Init()
-    for _ in range(10):
+    for _ in range(tries):
         code, result = client.CheckMode()
-        if code == 0 and not (result or {}).get("name"):
+        if code != 0:
+            raise AgentError(
+                f"the robot's motion switcher does not answer (code {code}) on domain {cfg.domain}: refusing to "
+                "start low-level control (for a simulator set go2.simulated = true)"
+            )
+        if not (result or {}).get("name"):
+            log.info("the sport service is released")
             return
+        log.info("releasing the sport service (%s)", result.get("name"))
         client.ReleaseMode()
         time.sleep(1.0)
     raise AgentError("the sport service did not release the robot: refusing to start low-level control")

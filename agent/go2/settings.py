@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from agent.errors import ConfigError
 from agent.tomlconf import positive
@@ -43,6 +44,7 @@ class Go2Config:
     lowstate_timeout_s: float = 0.1
     joint_margin_rad: float = 0.5  # a target beyond the joint range by more than this is a fault
     estop_keys: list[str] = field(default_factory=lambda: ["B"])  # remote keys that together mean e-stop
+    activation: Literal["immediate", "when-idle"] = "immediate"  # when-idle: swap only while the robot stands still
     lockstep_wait_s: float = 10.0  # lockstep: how long the loop waits for an answer before it counts a timeout
     sim_gate: SimGateConfig = field(default_factory=SimGateConfig)
 
