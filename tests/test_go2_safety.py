@@ -107,3 +107,39 @@ def test_refuses_to_start_when_the_sport_service_does_not_release(tmp_path: Path
     r = run([bin_path("agent"), "--config", str(cfg), "go2", "run"], check=False)
     assert r.returncode == 2
     assert "motion switcher does not answer" in r.stderr and "refusing to start" in r.stderr
+
+
+def test_legged_gym_48_obs_policy_needs_and_gets_base_velocity(fleet: Fleet, tmp_path: Path) -> None:
+    """A 48-observation FL-FR-RL-RR policy (small random weights: it stands, it does not walk)."""
+    need_stack()
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.conftest import mlp
+    from tests.services import bin_path
+
+    data = go2_data()
+    model = mlp(tmp_path / "lg.onnx", dims=(48, 64, 12), seed=3)
+    m = onnx.load(str(model))
+    for init in m.graph.initializer:
+        if init.name == "w1":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(0.01), "w1"))
+    onnx.save(m, str(model))
+    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data, gate=False))
+    fleet.start_agent(cfg)
+    r = fleet.agent(cfg, "deploy", str(model), "--version", "lg", "--deploy-config", str(PRESETS / "legged_gym.toml"),
+                    "--wait", "120")
+    assert "lg: active" in r.stdout
+    start_sim(fleet, cfg, data, tmp_path / "trace.jsonl")
+    start_controller(fleet, cfg)
+    refused = wait_for(lambda: (r := fleet.agent(cfg, "go2", "arm", check=False)).returncode == 2 and r.stderr, 60,
+                       "arm refused")
+    assert "needs base linear velocity (lin_vel)" in refused
+    stop(fleet.procs[-2])  # the simulator again, now with a state estimator's rt/sportmodestate
+    fleet.spawn([bin_path("agent"), "--config", str(cfg), "go2", "sim", "--mjcf", str(data / "mjcf" / "scene_flat.xml"),
+                 "--lockstep", "--sport-state"], cfg.parent / "sim2.log")
+    arm(cfg)
+    walk = wait_mode(cfg, "walk", 120)
+    wait_for(lambda: controller_status(cfg).get("state_tick", 0) > walk["tick"] + 500, 120, "1 s of policy")
+    status = controller_status(cfg)
+    assert status["mode"] == "walk" and status["model_version"] == "lg", status

@@ -27,6 +27,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--trace", type=Path, help="append the base position every 10 ticks (JSON lines)")
     c.add_argument("--duration", type=float, help="stop after this many simulated seconds")
     c.add_argument("--estop-at", type=float, help="hold the remote's e-stop key from this simulated time on")
+    c.add_argument("--sport-state", action="store_true", help="also publish rt/sportmodestate (base velocity)")
     c.set_defaults(func=cmd_sim)
     for name, helptext in (("arm", "soft start to the default stance, then walk"),
                            ("damp", "software e-stop: damping until armed again")):
@@ -68,7 +69,8 @@ def cmd_sim(cfg: AgentConfig, args: argparse.Namespace) -> int:
     s = settings(cfg)
     domain = s.domain if args.domain is None else args.domain
     interface = (s.interface if args.interface is None else args.interface) or None
-    return Simulator(args.mjcf, domain, interface, args.lockstep, args.trace, args.duration, args.estop_at).run()
+    return Simulator(args.mjcf, domain, interface, args.lockstep, args.trace, args.duration, args.estop_at,
+                     args.sport_state).run()
 
 
 def _ask(cfg: AgentConfig, request: dict[str, Any]) -> dict[str, Any]:

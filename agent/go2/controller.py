@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CONTROL_HZ = 500.0
 DECIMATION = 10  # until a deploy config says otherwise
 SLEEP_SLACK_S = 0.0002
+VELOCITY_TIMEOUT_S = 0.1
 STILL_DQ, STILL_GYRO = 0.5, 0.2  # rad/s: "standing still" for when-idle activation
 
 
@@ -43,6 +44,7 @@ class Controller:
         self.command = np.asarray(cfg.command, np.float64)
         self.stopping = threading.Event()
         self.lowstate = dds.Latest()
+        self.velocity = dds.Latest()  # rt/sportmodestate: only policies with a lin_vel term need it
         self.mapper: Mapper | None = None
         self.targets: np.ndarray | None = None
         self.tick = 0  # loop iterations
@@ -63,6 +65,8 @@ class Controller:
             release_sport_service(self.cfg)
         bus = dds.Bus(self.cfg.domain, self.cfg.interface or None, reliable=self.cfg.lockstep)
         writer = bus.writer(dds.LOWCMD, bus.LowCmd)
+        bus.reader(dds.SPORTSTATE, bus.SportState, lambda m: self.velocity.put((np.asarray(m.velocity, np.float64),
+                                                                                 time.monotonic())))
         bus.reader(dds.LOWSTATE, bus.LowState, lambda m: self.lowstate.put((dds.read_lowstate(m), time.monotonic())))
         self.cmd_msg = bus.new_lowcmd()
         self.policy.start()
@@ -175,6 +179,12 @@ class Controller:
         return self.cfg.lockstep or now - self.job_at > deadline
 
     def _post(self, state: RobotState, now: float) -> None:
+        if self.mapper is not None and "lin_vel" in self.mapper.cfg.observations:
+            why = self._velocity_missing()
+            if why:
+                self._to(Mode.HOLD, why, now)
+                return
+            state.lin_vel_world = self.velocity.value[0]
         self.job_seq += 1
         self.job_at = now
         self.policy.post(Job(self.job_seq, state, self.command.copy()))
@@ -257,10 +267,20 @@ class Controller:
             return {"ok": True, "command": value}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
+    def _velocity_missing(self) -> str | None:
+        value = self.velocity.value
+        if value is None:
+            return f"the policy needs base linear velocity (lin_vel): no {dds.SPORTSTATE} from a state estimator"
+        if not self.cfg.lockstep and time.monotonic() - value[1] > VELOCITY_TIMEOUT_S:
+            return f"base linear velocity ({dds.SPORTSTATE}) stale for {time.monotonic() - value[1]:.2f} s"
+        return None
+
     def _arm(self, state: RobotState, now: float) -> dict[str, Any]:
         if self.safety.mode in (Mode.SOFT_START, Mode.WALK):
             return {"ok": True, "mode": self.safety.mode.value}
         why = self.policy.refresh()
+        if not why and self.policy.mapper is not None and "lin_vel" in self.policy.mapper.cfg.observations:
+            why = self._velocity_missing()
         if why:
             return {"ok": False, "error": f"not arming: {why}"}
         self.mapper = self.policy.mapper

@@ -18,6 +18,7 @@ from agent.go2.crc import lowcmd_crc
 from agent.go2.mapping import RobotState
 
 LOWSTATE, LOWCMD = "rt/lowstate", "rt/lowcmd"
+SPORTSTATE = "rt/sportmodestate"  # a state estimator's base velocity (world frame), for lin_vel policies
 HEAD = (0xFE, 0xEF)
 LEVEL_LOW = 0xFF
 MODE_SERVO = 0x01
@@ -28,12 +29,12 @@ NUM_MOTORS = 20
 def _types() -> Any:
     try:
         from unitree_sdk2py.idl import default
-        from unitree_sdk2py.idl.unitree_go.msg.dds_ import LowCmd_, LowState_
+        from unitree_sdk2py.idl.unitree_go.msg.dds_ import LowCmd_, LowState_, SportModeState_
     except ImportError as err:
         raise AgentError(
             "the Go2 DDS interface needs unitree_sdk2py and cyclonedds (pip install 'edge-agent[go2]')"
         ) from err
-    return LowCmd_, LowState_, default
+    return LowCmd_, LowState_, SportModeState_, default
 
 
 def cyclonedds_config(interface: str | None) -> str:
@@ -59,7 +60,7 @@ class Bus:
         from cyclonedds.domain import Domain, DomainParticipant
         from cyclonedds.util import duration
 
-        self.LowCmd, self.LowState, self._default = _types()
+        self.LowCmd, self.LowState, self.SportState, self._default = _types()
         self._domain: Any = None
         # DDSException: already set up in this process (unitree_sdk2py's ChannelFactory, for the sport service)
         with contextlib.suppress(DDSException):
@@ -107,6 +108,9 @@ class Bus:
     def new_lowstate(self) -> Any:
         return self._default.unitree_go_msg_dds__LowState_()
 
+    def new_sportstate(self) -> Any:
+        return self._default.unitree_go_msg_dds__SportModeState_()
+
     def close(self) -> None:
         self._keep.clear()
         del self.participant
@@ -151,6 +155,12 @@ def read_lowstate(msg: Any) -> RobotState:
         tick=int(msg.tick),
         remote=bytes(msg.wireless_remote),
     )
+
+
+def fill_sportstate(msg: Any, position: np.ndarray, velocity: np.ndarray) -> Any:
+    msg.position = [float(v) for v in position]
+    msg.velocity = [float(v) for v in velocity]
+    return msg
 
 
 class Latest:

@@ -30,12 +30,13 @@ TRACE_EVERY = 10  # ticks between trace lines
 class Simulator:
     def __init__(self, mjcf: Path, domain: int, interface: str | None, lockstep: bool,
                  trace: Path | None = None, duration_s: float | None = None,
-                 estop_at_s: float | None = None) -> None:
+                 estop_at_s: float | None = None, sport_state: bool = False) -> None:
         self.physics = Go2Physics(mjcf)
         self.lockstep = lockstep
         self.bus = dds.Bus(domain, interface, reliable=lockstep)
         self.duration_s = duration_s
         self.estop_at_s = estop_at_s
+        self.sport_state = sport_state  # also publish the base velocity, as a state estimator would
         self.commands = dds.Latest()
         self._trace: IO[str] | None = trace.open("a") if trace else None
         self.stopping = threading.Event()
@@ -46,6 +47,8 @@ class Simulator:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         writer = self.bus.writer(dds.LOWSTATE, self.bus.LowState)
+        self._sport = self.bus.writer(dds.SPORTSTATE, self.bus.SportState) if self.sport_state else None
+        self._sport_msg = self.bus.new_sportstate()
         self.bus.reader(dds.LOWCMD, self.bus.LowCmd, lambda m: self.commands.put((m.reserve, dds.read_lowcmd(m))))
         self._msg = self.bus.new_lowstate()
         log.info("go2 sim up (%s, dt %.4f s)", "lockstep" if self.lockstep else "real time", self.physics.dt)
@@ -61,6 +64,8 @@ class Simulator:
         s = self.physics.state()
         if self.estop_at_s is not None and self.physics.time >= self.estop_at_s:
             s.remote = bytes([0, 0, 0, 1 << 1])  # key B held (bit 9)
+        if self._sport is not None:  # before the lowstate it goes with
+            self._sport.write(dds.fill_sportstate(self._sport_msg, self.physics.base_position, s.lin_vel_world))
         writer.write(dds.fill_lowstate(self._msg, s))
 
     def _run_lockstep(self, writer: Any) -> None:
