@@ -109,7 +109,7 @@ def test_bad_actions_and_targets_are_faults() -> None:
     safety = Safety(Go2Config())
     assert safety.target_fault(m.default_stance()) is None
     far = m.default_stance()
-    far[2] = 0.5  # a calf target 1.3 rad past its range
+    far[2] = 1.0  # a calf target 1.8 rad past its range
     assert "motor 2 outside its range" in (safety.target_fault(far) or "")
 
 

@@ -42,7 +42,7 @@ class Go2Config:
     hold_s: float = 1.0  # after an inference error/timeout: stand this long, then damp
     damping_kd: float = 2.0
     lowstate_timeout_s: float = 0.1
-    joint_margin_rad: float = 0.5  # a target beyond the joint range by more than this is a fault
+    joint_margin_rad: float = 1.0  # a target past the joint range by more than this is a fault (a little is normal)
     estop_keys: list[str] = field(default_factory=lambda: ["B"])  # remote keys that together mean e-stop
     activation: Literal["immediate", "when-idle"] = "immediate"  # when-idle: swap only while the robot stands still
     lockstep_wait_s: float = 10.0  # lockstep: how long the loop waits for an answer before it counts a timeout

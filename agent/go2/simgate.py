@@ -48,7 +48,7 @@ class Go2Gate:
         if not g.enabled:
             return {}
         r = rollout(engine, dc, self.cfg, np.asarray(g.command, np.float64))
-        figures = {"sim_progress_m": round(r.progress_m, 3), "sim_min_height_m": round(r.min_height_m, 3),
+        figures = {"sim_progress_m": round(float(r.progress_m), 3), "sim_min_height_m": round(r.min_height_m, 3),
                    "sim_seconds": round(r.seconds, 2)}
         what = f"command {g.command} for {g.duration_s:g} s simulated"
         if r.fault:
@@ -105,10 +105,10 @@ def rollout(engine: Engine, dc: DeployConfig, cfg: Go2Config, command: np.ndarra
             q_des = mapper.targets(raw) if fault is None else q_des
             fault = fault or safety.target_fault(q_des)
             if fault:
-                return Rollout(ph.base_position[0] - x0, min_h, i * ph.dt, fault=fault)
+                return Rollout(float(ph.base_position[0] - x0), min_h, i * ph.dt, fault=fault)
             last = raw
         ph.step(limit_torque(q_des, s.q, s.dq, kp, kd, limit), z, z, kp, kd)
         min_h = min(min_h, float(ph.base_position[2]))
         if min_h < g.min_height_m:
-            return Rollout(ph.base_position[0] - x0, min_h, (i + 1) * ph.dt, fell=True)
-    return Rollout(ph.base_position[0] - x0, min_h, g.duration_s)
+            return Rollout(float(ph.base_position[0] - x0), min_h, (i + 1) * ph.dt, fell=True)
+    return Rollout(float(ph.base_position[0] - x0), min_h, g.duration_s)
