@@ -69,6 +69,8 @@ def test_stale_lowstate_damps_and_sigterm_is_clean(fleet: Fleet, tmp_path: Path)
     cfg = _walking(fleet, tmp_path, lockstep=False)
     arm(cfg)
     wait_mode(cfg, "walk", 120)
+    time.sleep(2)
+    print(f"\n500 Hz loop period against the real-time simulator: {controller_status(cfg)['loop_period']}")
     sim = fleet.procs[-2]
     t0 = time.monotonic()
     stop(sim)

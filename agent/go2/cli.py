@@ -97,6 +97,8 @@ def cmd_status(cfg: AgentConfig, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
     else:
+        lp = s.get("loop_period") or {}
         print(f"go2 controller: {s.get('mode')} ({s.get('reason')}); model {s.get('model_version') or '-'}; "
-              f"command {s.get('command')}; tick {s.get('state_tick')}")
+              f"command {s.get('command')}; tick {s.get('state_tick')}; loop period p50 {lp.get('p50_us')} µs, "
+              f"p99 {lp.get('p99_us')} µs, {lp.get('over_2x')} over 2x")
     return 0

@@ -31,6 +31,7 @@ CONTROL_HZ = 500.0
 DECIMATION = 10  # until a deploy config says otherwise
 SLEEP_SLACK_S = 0.0002
 VELOCITY_TIMEOUT_S = 0.1
+PERIOD_WINDOW = 1000
 STILL_DQ, STILL_GYRO = 0.5, 0.2  # rad/s: "standing still" for when-idle activation
 
 
@@ -38,7 +39,7 @@ class Controller:
     def __init__(self, cfg: Go2Config, agent_socket: Path, control_socket: Path) -> None:
         self.cfg = cfg
         self.safety = Safety(cfg)
-        self.policy = PolicyThread(agent_socket, timeout_s=max(cfg.lockstep_wait_s, 1.0))
+        self.policy = PolicyThread(agent_socket, timeout_s=cfg.lockstep_wait_s if cfg.lockstep else 1.0)
         self.requests: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.control = ControlServer(control_socket, control_socket.parent / "go2-incoming", self.requests)
         self.command = np.asarray(cfg.command, np.float64)
@@ -55,6 +56,8 @@ class Controller:
         self._last_state_tick = -1
         self._last_cmd: Any = None
         self._applied = 0
+        self._periods = np.zeros(PERIOD_WINDOW)  # seconds between loop iterations (timer clock)
+        self._last_iter = 0.0
         self._pending: queue.Queue[tuple[dict[str, Any], queue.Queue[dict[str, Any]]]] = queue.Queue()
 
     # -- life --------------------------------------------------------------------------------------
@@ -110,12 +113,27 @@ class Controller:
                 value = self.lowstate.value
             if value is None:
                 continue
+            self._record_period()
             state, received = value
             if self.cfg.lockstep and state.tick == self._last_state_tick:
                 writer.write(self._last_cmd)  # the simulator asked again: same answer
                 continue
             self._last_state_tick = state.tick
             writer.write(self._fill(self.step(state, received), state.tick))
+
+    def _record_period(self) -> None:
+        t = time.monotonic()
+        if self._last_iter:
+            self._periods[self.tick % PERIOD_WINDOW] = t - self._last_iter
+        self._last_iter = t
+
+    def _loop_figures(self) -> dict[str, float]:
+        """The loop's period over the last PERIOD_WINDOW iterations, in µs (wall time)."""
+        p = self._periods[self._periods > 0] * 1e6
+        if not len(p):
+            return {}
+        return {"p50_us": round(float(np.percentile(p, 50)), 1), "p99_us": round(float(np.percentile(p, 99)), 1),
+                "max_us": round(float(p.max()), 1), "over_2x": int((p > 2e6 / CONTROL_HZ).sum())}
 
     def _now(self) -> float:
         """Seconds on the loop's clock: sim time in lockstep, wall time otherwise."""
@@ -310,7 +328,7 @@ class Controller:
         return self.safety.mode == Mode.WALK and not self.command.any() and still
 
     def status(self) -> dict[str, Any]:
-        return {**self.snapshot, "events": list(self.events)}
+        return {**self.snapshot, "loop_period": self._loop_figures(), "events": list(self.events)}
 
 
 def release_sport_service(cfg: Go2Config, tries: int = 5) -> None:
