@@ -65,7 +65,7 @@ class Daemon:
         self.status = StatusBuilder(self)
         self.activation = self._activation_policy()
         self.parked: tuple[int, ServedModel] | None = None  # staged, waiting for the activation policy
-        self._parked_why = ""
+        self.parked_why = ""
         self._next_idle_check = 0.0
         self.working: Candidate | None = None
         self.waiting: list[Candidate] = []
@@ -274,13 +274,13 @@ class Daemon:
         ready, why = self.activation.ready()
         rec = self.store.get(self.parked[0])
         if not ready:
-            if why != self._parked_why:
-                self._parked_why = why
+            if why != self.parked_why:
+                self.parked_why = why
                 log.info("%s waits to activate: %s", rec.version, why)
                 self.emit("activation_waiting", model_id=rec.id, version=rec.version, reason=why)
             return
         _, served = self.parked
-        self.parked, self._parked_why = None, ""
+        self.parked, self.parked_why = None, ""
         self._activate(rec, served)
 
     def _activation_policy(self) -> Any:

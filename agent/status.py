@@ -85,10 +85,10 @@ class StatusBuilder:
 
     def _parked(self) -> dict[str, Any] | None:
         """A staged model held back by the activation policy (go2 `when-idle`)."""
-        parked = getattr(self.d, "parked", None)
+        parked = self.d.parked
         if parked is None:
             return None
-        return {"version": parked[1].version, "reason": self.d._parked_why or "checking the controller"}
+        return {"version": parked[1].version, "reason": self.d.parked_why or "checking the controller"}
 
     def mqtt(self) -> dict[str, Any]:
         s = self.build()
