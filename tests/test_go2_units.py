@@ -27,6 +27,24 @@ def _reference() -> object:
     return CRC()
 
 
+def _crc_from_the_definition(words: list[int]) -> int:
+    """CRC-32 as ../shared/go2/README.md defines it: poly 0x04C11DB7, init 0xFFFFFFFF, MSB-first over
+    each 32-bit word, no reflection, no final XOR."""
+    crc = 0xFFFFFFFF
+    for word in words:
+        for bit in range(31, -1, -1):
+            top = (crc >> 31) ^ ((word >> bit) & 1)
+            crc = ((crc << 1) & 0xFFFFFFFF) ^ (0x04C11DB7 if top else 0)
+    return crc
+
+
+def test_crc_matches_the_definition() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 202):
+        words = [int(w) for w in rng.integers(0, 2**32, n, dtype=np.uint64)]
+        assert crc32_words(struct.pack(f"<{n}I", *words)) == _crc_from_the_definition(words)
+
+
 def test_crc_matches_the_reference_algorithm() -> None:
     ref = _reference()
     rng = np.random.default_rng(1)

@@ -4,7 +4,8 @@ step, so a controller cannot tell it from the robot.
 
 Real time: physics at its own timestep on a timer, the latest command applied.
 Lockstep (tests): one physics step per command, and only for the command that answers the last
-published tick (LowCmd.reserve), so a loaded machine slows the run but does not change it."""
+published tick (LowCmd.reserve), so a loaded machine slows the run but does not change it.
+Commands with a wrong CRC are dropped, as the firmware does."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import IO, Any
 import numpy as np
 
 from agent.go2 import dds
+from agent.go2.crc import lowcmd_crc
 from agent.go2.physics import Go2Physics
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class Simulator:
         self.estop_at_s = estop_at_s
         self.sport_state = sport_state  # also publish the base velocity, as a state estimator would
         self.commands = dds.Latest()
+        self.bad_crc = 0
         self._trace: IO[str] | None = trace.open("a") if trace else None
         self.stopping = threading.Event()
         z = np.zeros(12)
@@ -49,7 +52,7 @@ class Simulator:
         writer = self.bus.writer(dds.LOWSTATE, self.bus.LowState)
         self._sport = self.bus.writer(dds.SPORTSTATE, self.bus.SportState) if self.sport_state else None
         self._sport_msg = self.bus.new_sportstate()
-        self.bus.reader(dds.LOWCMD, self.bus.LowCmd, lambda m: self.commands.put((m.reserve, dds.read_lowcmd(m))))
+        self.bus.reader(dds.LOWCMD, self.bus.LowCmd, self._on_command)
         self._msg = self.bus.new_lowstate()
         log.info("go2 sim up (%s, dt %.4f s)", "lockstep" if self.lockstep else "real time", self.physics.dt)
         try:
@@ -59,6 +62,15 @@ class Simulator:
                 self._trace.close()
             self.bus.close()
         return 0
+
+    def _on_command(self, msg: Any) -> None:
+        """Like the firmware: a command whose CRC is wrong is dropped, silently on the robot, logged here."""
+        if lowcmd_crc(msg) != msg.crc:
+            self.bad_crc += 1
+            if self.bad_crc in (1, 100, 10000):
+                log.warning("dropped %d LowCmd with a wrong CRC (the robot drops them silently)", self.bad_crc)
+            return
+        self.commands.put((msg.reserve, dds.read_lowcmd(msg)))
 
     def _publish(self, writer: Any) -> None:
         s = self.physics.state()
