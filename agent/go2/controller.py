@@ -328,7 +328,8 @@ class Controller:
         return self.safety.mode == Mode.WALK and not self.command.any() and still
 
     def status(self) -> dict[str, Any]:
-        return {**self.snapshot, "loop_period": self._loop_figures(), "events": list(self.events)}
+        return {**self.snapshot, "loop_period": self._loop_figures(), "inference": self.policy.round_trip_figures(),
+                "events": list(self.events)}
 
 
 def release_sport_service(cfg: Go2Config, tries: int = 5) -> None:

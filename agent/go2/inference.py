@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,8 @@ class PolicyThread:
         self.version = ""
         self.last_action = np.zeros(12)
         self._input = ""
+        self.round_trips = np.zeros(500)  # seconds per inference call through the agent, last 500
+        self._calls = 0
         self._cond = threading.Condition()
         self._job: Job | None = None
         self._outcome: Outcome | None = None
@@ -100,6 +103,14 @@ class PolicyThread:
         self._input = cfg.input_name or str(info["inputs"][0]["name"])
         return None
 
+    def round_trip_figures(self) -> dict[str, float]:
+        """Inference round trips through the agent's socket, in µs (what the deadline is up against)."""
+        rt = self.round_trips[self.round_trips > 0] * 1e6
+        if not len(rt):
+            return {}
+        return {"p50_us": round(float(np.percentile(rt, 50)), 1), "p99_us": round(float(np.percentile(rt, 99)), 1),
+                "max_us": round(float(rt.max()), 1)}
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -138,6 +149,9 @@ class PolicyThread:
         assert self.mapper is not None
         cfg = self.mapper.cfg
         obs = self.mapper.observation(job.state, job.command, self.last_action)
+        t0 = time.perf_counter()
         out = self.policy.infer({self._input: obs})
+        self.round_trips[self._calls % len(self.round_trips)] = time.perf_counter() - t0
+        self._calls += 1
         (arr,) = [v for k, v in out.items() if cfg.output_name in (None, k)][:1]
         return np.asarray(arr, np.float64).reshape(-1)
