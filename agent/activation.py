@@ -23,6 +23,8 @@ from agent.store import ModelRecord, Store
 log = logging.getLogger(__name__)
 
 Transition = Callable[..., ModelRecord]
+IdlePolicy = Callable[[], tuple[bool, str]]  # (may activate now, why not): the Go2 when-idle policy
+IDLE_CHECK_S = 0.5
 Emit = Callable[..., None]
 PIN_MARK = "pin"
 
@@ -60,6 +62,7 @@ class Activation:
         transition: Transition,
         emit: Emit,
         working_sha: Callable[[], str | None],
+        idle_policy: IdlePolicy | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -69,7 +72,11 @@ class Activation:
         self.transition = transition
         self.emit = emit
         self.working_sha = working_sha
+        self.idle_policy = idle_policy
         self.watch: Watch | None = None
+        self.parked: tuple[int, ServedModel] | None = None  # passed the gate, loaded, waiting for idle
+        self.parked_why = ""
+        self._next_idle_check = 0.0
 
     @property
     def pinned(self) -> str | None:
@@ -83,7 +90,41 @@ class Activation:
             self.server.release(served)
             self.transition(rec, ModelState.STAGED, f"waiting: {why}; `agent activate {rec.version}` to use it")
             return
+        if self.idle_policy is not None:
+            self._park(rec, served)
+            return
         self.activate(rec, served, "passed the gate; swapped in")
+
+    def _park(self, rec: ModelRecord, served: ServedModel) -> None:
+        """when-idle: the loaded model waits until the controller says the robot stands still."""
+        if self.parked is not None:
+            old_id, old = self.parked
+            self.server.release(old)
+            self.transition(self.store.get(old_id), ModelState.REJECTED, f"superseded by {rec.version}")
+        self.parked, self.parked_why = (rec.id, served), ""
+        self._next_idle_check = 0.0
+        self._activate_parked()
+
+    def _activate_parked(self) -> None:
+        if self.parked is None or self.idle_policy is None or time.monotonic() < self._next_idle_check:
+            return
+        self._next_idle_check = time.monotonic() + IDLE_CHECK_S
+        ready, why = self.idle_policy()
+        rec = self.store.get(self.parked[0])
+        if not ready:
+            if why != self.parked_why:
+                self.parked_why = why
+                log.info("%s waits to activate: %s", rec.version, why)
+                self.emit("activation_waiting", model_id=rec.id, version=rec.version, reason=why)
+            return
+        served = self.parked[1]
+        self.parked, self.parked_why = None, ""
+        self.activate(rec, served, "passed the gate; swapped in while the robot was idle")
+
+    def release_parked(self) -> None:
+        if self.parked is not None:
+            self.server.release(self.parked[1])
+            self.parked = None
 
     def activate(self, rec: ModelRecord, served: ServedModel, reason: str) -> None:
         previous_rec = self.store.active()
@@ -103,6 +144,7 @@ class Activation:
 
     # -- the post-activation watch -----------------------------------------------------------------
     def tick(self) -> None:
+        self._activate_parked()
         w = self.watch
         if w is None:
             return
@@ -216,7 +258,7 @@ class Activation:
         key = engine_key(rec.sha256, self.backend)
         if rec.engine_key != key:
             self.store.set_engine_key(rec, key)
-        return ServedModel(engine, rec.version, rec.sha256, self.backend.name)
+        return ServedModel(engine, rec.version, rec.sha256, self.backend.name, rec.manifest.extra.get("deploy_config"))
 
     # -- retention ---------------------------------------------------------------------------------
     def collect_garbage(self) -> None:

@@ -55,9 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         "--skip-check",
         action="append",
         default=[],
-        metavar="CHECK",
-        help="force the model past this gate check (recorded as forced); repeatable",
+        choices=["sim"],
+        help="force the model past this gate check (recorded as forced)",
     )
+    c.add_argument("--deploy-config", type=Path, help="the Go2 deploy config (TOML/JSON) that goes with the model")
     c.set_defaults(func=cmd_deploy)
     c = sub.add_parser("activate", help="activate a staged or stored version (the manual policy's step)")
     c.add_argument("target_version", metavar="VERSION")
@@ -72,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("doctor", help="check this machine: TensorRT/CUDA, GPU, memory, disk, state dir, broker, S3")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_doctor)
+    from agent.go2.cli import add_parser as add_go2
+
+    add_go2(sub)
     return p
 
 
@@ -181,13 +185,13 @@ def cmd_deploy(cfg: AgentConfig, args: argparse.Namespace) -> int:
     path: Path = args.model
     if not path.is_file():
         raise AgentError(f"{path}: no such file")
-    request = {
-        "cmd": "deploy",
-        "version": args.model_version,
-        "size": path.stat().st_size,
-        "name": path.name,
-        "skip_checks": args.skip_check,
-    }
+    request = {"cmd": "deploy", "version": args.model_version, "size": path.stat().st_size, "name": path.name}
+    if args.skip_check:
+        request["skip_checks"] = sorted(set(args.skip_check))
+    if args.deploy_config is not None:
+        from agent.go2.deploy import load as load_deploy_config
+
+        request["deploy_config"] = load_deploy_config(args.deploy_config).source
     reply = _ask(cfg, request, payload=path)
     print(f"deploying {reply['version']} (sha256 {reply['sha256'][:12]})")
     if args.wait <= 0:

@@ -10,6 +10,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from agent.errors import ConfigError
+from agent.go2.settings import Go2Config
 from agent.protocol import DEFAULT_TOPIC_PREFIX
 from agent.tomlconf import build, positive, read_toml
 
@@ -164,6 +165,7 @@ class AgentConfig:
     inbox: InboxConfig = field(default_factory=InboxConfig)
     build: BuildConfig = field(default_factory=BuildConfig)  # engine builds (agent/build.py)
     share: ShareConfig = field(default_factory=ShareConfig)  # fleet engine sharing (agent/share.py)
+    go2: Go2Config | None = None  # the Go2 controller and the sim gate (agent/go2)
 
     def check(self) -> None:
         if not self.channel or "/" in self.channel or "+" in self.channel or "#" in self.channel:

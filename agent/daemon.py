@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, enginecache
-from agent.activation import Activation
+from agent.activation import Activation, IdlePolicy
 from agent.build import protect_daemon
 from agent.config import AgentConfig
 from agent.digest import sha256_file
@@ -24,7 +24,7 @@ from agent.errors import AgentError, ProtocolError, RejectedModel
 from agent.inspect_onnx import inspect_onnx
 from agent.lifecycle import ModelState
 from agent.link import Link
-from agent.pipeline import Candidate, Pipeline
+from agent.pipeline import Candidate, Pipeline, skipped_checks
 from agent.protocol import Announcement, Manifest, ObjectRef, Topics, decode, encode, new_event, now
 from agent.provision import Provisioner
 from agent.serve import InferenceServer, ServedModel
@@ -77,8 +77,9 @@ class Daemon:
             self.transition,
             self.emit,
             lambda: self.working.manifest.sha256 if self.working else None,
+            self._idle_policy(),
         )
-        self.behavioural: list[BehaviouralCheck] = []  # filled by the Go2 stack (sim rollout)
+        self.behavioural: list[BehaviouralCheck] = self._behaviour_checks()
         from agent.control import ControlServer
         from agent.service import Service
 
@@ -141,6 +142,7 @@ class Daemon:
         self.control.stop()
         self.link.stop(self.topics.status(self.cfg.device_id), encode(self._offline_status()))
         self.worker.shutdown(wait=True, cancel_futures=True)
+        self.activation.release_parked()
         self.server.stop()
         self.store.close()
         os.close(self._lock_fd)
@@ -265,7 +267,7 @@ class Daemon:
             latency_budget_us=self.cfg.gate.latency_budget_us,
             latency_calls=self.cfg.gate.latency_calls,
             behavioural=list(self.behavioural),
-            skip=cand.skip,
+            skip=skipped_checks(cand),
         )
 
     def _work(self, cand: Candidate, gate: GateContext) -> None:
@@ -347,7 +349,9 @@ class Daemon:
             self.transition(rec, ModelState.ROLLED_BACK, f"engine does not load after restart: {err}")
             self._rebuild_later(rec)
             return
-        self.server.swap_now(ServedModel(engine, rec.version, rec.sha256, self.backend.name))
+        self.server.swap_now(
+            ServedModel(engine, rec.version, rec.sha256, self.backend.name, rec.manifest.extra.get("deploy_config"))
+        )
         log.info("restored active model %s from %s", rec.version, rec.engine_key)
 
     def _rebuild_later(self, rec: ModelRecord) -> None:
@@ -374,8 +378,7 @@ class Daemon:
             if cmd == "status":
                 return {"ok": True, "status": self.status.build()}
             if cmd == "deploy":
-                skip = frozenset(str(x) for x in req.get("skip_checks") or ())
-                return self._deploy(Path(req["path"]), str(req.get("version") or ""), skip)
+                return self._deploy(Path(req["path"]), str(req.get("version") or ""), _deploy_extra(req))
             if cmd == "rollback":
                 return {"ok": True, "version": self.activation.rollback_to_previous().version}
             if cmd == "activate":
@@ -397,7 +400,7 @@ class Daemon:
             self._on_announcement(Announcement.from_json(deferred))  # catch up with the channel
         return {"ok": True, "was": was}
 
-    def _deploy(self, part: Path, version: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    def _deploy(self, part: Path, version: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """A local file takes the channel's pipeline from 'verified' on; authorised by socket access."""
         try:
             inputs, outputs = inspect_onnx(part)
@@ -415,10 +418,12 @@ class Daemon:
             inputs=inputs,
             outputs=outputs,
             created_at=now(),
+            extra=extra or {},
         )
-        rec = self.store.add(manifest, self.cfg.channel, None, "local", "deployed from a local file")
+        forced = f"; forced past: {', '.join(extra['skip_checks'])}" if extra and extra.get("skip_checks") else ""
+        rec = self.store.add(manifest, self.cfg.channel, None, "local", f"deployed from a local file{forced}")
         self._announce_event(rec)
-        self._schedule(Candidate(rec.id, manifest, "local", skip))
+        self._schedule(Candidate(rec.id, manifest, "local"))
         return {"ok": True, "id": rec.id, "version": manifest.version, "sha256": sha}
 
     # -- reporting -------------------------------------------------------------------------------
@@ -491,6 +496,24 @@ class Daemon:
     def _offline_status(self) -> dict[str, Any]:
         return {"protocol": 1, "type": "status", "device_id": self.cfg.device_id, "online": False, "ts": now()}
 
+    def _behaviour_checks(self) -> list[BehaviouralCheck]:
+        """The Go2 gate (deploy config, sim rollout) when the config has a [go2] section."""
+        if self.cfg.go2 is None:
+            return []
+        from agent.go2.simgate import Go2Gate
+
+        return [Go2Gate(self.cfg.go2)]
+
+    def _idle_policy(self) -> IdlePolicy | None:
+        """`[go2] activation = "when-idle"`: activate only while the controller reports the robot idle."""
+        go2 = self.cfg.go2
+        if go2 is None or go2.activation == "immediate":
+            return None
+        from agent.go2.activation import WhenIdle
+        from agent.go2.cli import control_socket
+
+        return WhenIdle(control_socket(self.cfg)).ready
+
     def _s3_client(self) -> Any:
         """Only fleet engine sharing needs S3 in this process; downloads run in a child."""
         from agent.fetch import s3_client
@@ -499,6 +522,21 @@ class Daemon:
             s3 = self.cfg.s3
             self._s3 = s3_client(s3.endpoint_url, s3.region, s3.connect_timeout_s, s3.read_timeout_s)
         return self._s3
+
+
+def _deploy_extra(req: dict[str, Any]) -> dict[str, Any]:
+    """Manifest extras a local deploy may carry: checks forced past, the Go2 deploy config."""
+    extra: dict[str, Any] = {}
+    skip = req.get("skip_checks") or []
+    if not isinstance(skip, list) or any(c not in ("sim",) for c in skip):
+        raise AgentError(f"skip_checks: only 'sim' can be skipped, got {skip!r}")
+    if skip:
+        extra["skip_checks"] = sorted(skip)
+    if req.get("deploy_config") is not None:
+        from agent.go2.deploy import from_dict
+
+        extra["deploy_config"] = from_dict(req["deploy_config"]).source
+    return extra
 
 
 _RESUMABLE = (

@@ -95,8 +95,12 @@ class Link:
             # twins drift apart) and say so in the status.
             self.conflict_until = time.time() + CONFLICT_BACKOFF_S
             jitter_backoff(client, CONFLICT_BACKOFF_S, 2 * CONFLICT_BACKOFF_S)
-            log.error("the broker keeps handing this session to another client: is device_id %r used by "
-                      "two agents? Backing off for %.0f s", self.device_id, CONFLICT_BACKOFF_S)
+            log.error(
+                "the broker keeps handing this session to another client: is device_id %r used by "
+                "two agents? Backing off for %.0f s",
+                self.device_id,
+                CONFLICT_BACKOFF_S,
+            )
         self.events.put(("mqtt-disconnected", str(rc)))
 
     def _flapping(self) -> bool:

@@ -37,7 +37,13 @@ class Candidate:
     record_id: int
     manifest: Manifest
     source: str  # "channel" or "local"
-    skip: frozenset[str] = frozenset()  # gate checks an operator forced it past
+
+
+def skipped_checks(cand: Candidate) -> frozenset[str]:
+    """Checks a local deploy forced past (`agent deploy --skip-check sim`); never from a channel."""
+    if cand.source != "local":
+        return frozenset()
+    return frozenset(str(c) for c in cand.manifest.extra.get("skip_checks", []))
 
 
 class Pipeline:
@@ -93,7 +99,7 @@ class Pipeline:
         forced = [r.name for r in results if r.figures.get("forced")]
         note = f" (forced past {', '.join(forced)})" if forced else ""
         self.report(cand.record_id, ModelState.STAGED, f"passed the gate{note}", figures)
-        return ServedModel(engine, m.version, m.sha256, self.backend.name)
+        return ServedModel(engine, m.version, m.sha256, self.backend.name, m.extra.get("deploy_config"))
 
     def load_stored(self, sha256: str) -> Engine:
         """A stored model's engine for an operator command (cache, else shared, else a build)."""

@@ -35,15 +35,19 @@ class ServedModel:
     version: str
     sha256: str
     backend: str
+    deploy_config: dict[str, Any] | None = None  # the Go2 controller's deploy config, from the manifest
 
     def info(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "version": self.version,
             "sha256": self.sha256,
             "backend": self.backend,
             "inputs": [t.to_json() for t in self.engine.inputs],
             "outputs": [t.to_json() for t in self.engine.outputs],
         }
+        if self.deploy_config is not None:
+            d["deploy_config"] = self.deploy_config
+        return d
 
 
 class SwapStats:

@@ -58,6 +58,7 @@ class StatusBuilder:
                 "source": active.source,
             },
             "pending": self._pending(),
+            "waiting_to_activate": self._parked(),
             "last_rejected": None
             if rejected is None
             else {
@@ -101,6 +102,13 @@ class StatusBuilder:
             "queued": len(d.waiting),
             "build": d.build_progress.get(rec.id),  # pid, stage, percent, elapsed_s of a running build
         }
+
+    def _parked(self) -> dict[str, Any] | None:
+        """A staged model held back by the activation policy (go2 `when-idle`)."""
+        parked = self.d.activation.parked
+        if parked is None:
+            return None
+        return {"version": parked[1].version, "reason": self.d.activation.parked_why or "checking the controller"}
 
     def mqtt(self) -> dict[str, Any]:
         s = self.build()

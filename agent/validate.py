@@ -42,8 +42,9 @@ class GateRejected(RejectedModel):
         self.results = results
 
 
-# A behavioural check gets the engine and the manifest; it may return None when it does not apply.
-BehaviouralCheck = Callable[[Engine, Manifest], "CheckResult | None"]
+# A behavioural check (the Go2 sim rollout, agent/go2/simgate.py): (engine, manifest, checks the
+# operator forced it past) -> figures; it raises RejectedModel with its figures in the reason.
+BehaviouralCheck = Callable[[Engine, Manifest, frozenset[str]], dict[str, Any]]
 
 
 @dataclass
@@ -80,8 +81,17 @@ def run_gate(engine: Engine, manifest: Manifest, ctx: GateContext) -> list[Check
     record(check_finite(engine, samples))
     record(check_latency(engine, samples[0], manifest, ctx))
     for check in ctx.behavioural:
-        record(check(engine, manifest))
+        record(run_behavioural(check, engine, manifest, ctx.skip))
     return results
+
+
+def run_behavioural(check: BehaviouralCheck, engine: Engine, manifest: Manifest, skip: frozenset[str]) -> CheckResult:
+    try:
+        figures = check(engine, manifest, skip)
+    except RejectedModel as err:
+        name = err.stage if err.stage != "validate" else "behaviour"
+        return CheckResult(name, False, {}, err.reason)
+    return CheckResult(str(figures.pop("check", "behaviour")), True, figures)
 
 
 def check_contract(engine: Engine, manifest: Manifest, ctx: GateContext) -> CheckResult:

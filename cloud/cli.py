@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--golden-atol", type=float, help="absolute tolerance against the golden outputs")
     c.add_argument("--golden-rtol", type=float, help="relative tolerance against the golden outputs")
     c.add_argument("--sign-key", type=Path, help="Ed25519 private key from `fleet keygen`: sign the announcement")
+    c.add_argument("--deploy-config", type=Path, help="Go2 deploy config (TOML/JSON) carried in the manifest")
     c.set_defaults(func=cmd_publish)
     c = sub.add_parser("rollback", help="announce an earlier version again (a new sequence number)")
     c.add_argument("--channel", required=True)
@@ -73,6 +74,10 @@ def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
         )
         if v is not None
     }
+    if args.deploy_config is not None:
+        from cloud.publish import deploy_config_extra
+
+        extra.update(deploy_config_extra(args.deploy_config, args.model))
     ann = publish(cfg, args.model, args.channel, args.model_version, args.golden, extra, sign_key=args.sign_key)
     _print_announcement(ann)
     return 0

@@ -135,6 +135,21 @@ def check_golden_file(path: Path, inputs: list[str], outputs: list[str]) -> None
         raise PublishError(f"{path}: every golden array needs the same number of samples (first axis)")
 
 
+def deploy_config_extra(path: Path, model: Path) -> dict[str, Any]:
+    """The manifest field for a Go2 deploy config, checked against the model's I/O first."""
+    from agent.go2.deploy import MANIFEST_KEY, load
+
+    try:
+        dc = load(path)
+        inputs, outputs = signature(check_onnx(model))
+    except (AgentError, RejectedModel) as err:
+        raise PublishError(f"{path}: {err}") from err
+    why = dc.check_io(inputs, outputs)
+    if why:
+        raise PublishError(f"{path} does not fit {model.name}: {why}")
+    return {MANIFEST_KEY: dc.source}
+
+
 def _upload(s3: Any, path: Path, ref: ObjectRef) -> None:
     try:
         s3.upload_file(str(path), ref.bucket, ref.key)
