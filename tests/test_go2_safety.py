@@ -92,7 +92,7 @@ def test_sim_gate_rejects_a_policy_that_does_not_walk(fleet: Fleet, tmp_path: Pa
     fleet.publish(still, "still", "--deploy-config", str(PRESETS / "robot_lab.toml"))
     reason = fleet.wait_rejected(cfg, "still", timeout=120)
     print(f"\nrejected: {reason}")
-    assert reason.startswith("sim gate: ")
+    assert reason.startswith("validate: sim gate: ")
     assert "misses the target 2.5 m" in reason or "the base fell" in reason
     assert np.isfinite(float(reason.split("progress ")[1].split(" m")[0]))
     wait_for(lambda: "sim gate" in fleet.agent(cfg, "status").stdout, 10, "the reason in agent status")

@@ -120,7 +120,7 @@ def test_blowup_rejected_by_the_sim_gate_and_damped_when_forced(fleet: Fleet, tm
     ).stdout
     assert "blowup-forced: active" in out
     forced = next(m for m in json.loads(fleet.agent(cfg, "models", "--json").stdout) if m["version"] == "blowup-forced")
-    assert forced["figures"]["forced"] == "sim"  # recorded as forced
+    assert forced["figures"]["gate"]["sim gate"]["forced"] == "sim"  # recorded as forced
 
     trace = tmp_path / "trace.jsonl"
     start_sim(fleet, cfg, data, trace)
