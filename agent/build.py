@@ -227,6 +227,19 @@ def die_with_parent(name: str) -> None:
         log.debug("no parent-death signal: %s", err)
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
+    background()
+
+
+BACKGROUND_NICE = 10
+
+
+def background() -> None:
+    """Lower this process's (or, called on a thread, this thread's) CPU priority: downloads, ONNX
+    checks, builds and the gate yield the CPU to the serving thread and the controller."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except OSError as err:
+        log.debug("cannot lower the priority of background work: %s", err)
 
 
 def protect_daemon() -> None:

@@ -159,6 +159,7 @@ class InferenceServer:
 
     # -- the serving thread --------------------------------------------------------------------
     def _loop(self) -> None:
+        _raise_priority()
         try:
             while not self._stop:
                 for key, mask in self._sel.select(timeout=1.0):
@@ -309,3 +310,15 @@ def _close_engine(model: ServedModel) -> None:
         model.engine.close()
     except Exception:
         log.exception("closing engine of %s failed", model.version)
+
+
+SERVING_NICE = -5
+
+
+def _raise_priority() -> None:
+    """The serving thread answers the controller: let it preempt background work for the CPU.
+    Needs CAP_SYS_NICE (root, or the unit's AmbientCapabilities); without it, it stays as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SERVING_NICE)
+    except OSError as err:
+        log.info("serving thread keeps its CPU priority (%s)", err)

@@ -47,6 +47,9 @@ from tests.services import (  # noqa: E402
 )
 
 ENV = {**os.environ, **s3_env()}
+# The client stands for the Go2 controller, which runs above normal priority (README: the controller
+# unit); root can give it that here. Everything is measured the same way in every phase.
+CONTROLLER_NICE = -10 if os.geteuid() == 0 else 0
 
 
 class World:
@@ -135,6 +138,8 @@ class Client:
                 "500",
                 "--out",
                 str(self.out),
+                "--nice",
+                str(CONTROLLER_NICE),
             ],
             env=ENV,
         )

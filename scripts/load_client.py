@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import time
 from collections import Counter
@@ -27,7 +28,10 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3600.0)
     p.add_argument("--deadline-ms", type=float, default=2.0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--nice", type=int, default=0, help="CPU priority, as a controller would run (needs root below 0)")
     args = p.parse_args()
+    if args.nice:
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
