@@ -159,9 +159,17 @@ def cmd_events(cfg: FleetConfig, args: argparse.Namespace) -> int:
         return 0
     for e in events:
         when = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
-        what = f"{e.get('version', '')} {e.get('state', '')}".strip() if e["kind"] == "model_state" else e["kind"]
-        print(f"{when} {e['device_id']:<16} {what:<24} {e.get('reason', '')}")
+        what = f"{e.get('version', '')} {e.get('state') or e['kind']}".strip()
+        print(f"{when} {e['device_id']:<16} {what:<24} {e.get('reason') or _details(e)}")
     return 0
+
+
+_HEADER = {"protocol", "type", "id", "device_id", "kind", "ts", "received", "version", "state", "model_id"}
+
+
+def _details(event: dict[str, Any]) -> str:
+    """The fields of an event that has no reason (build progress, engine built, ...), as k=v."""
+    return " ".join(f"{k}={v}" for k, v in event.items() if k not in _HEADER and v not in (None, "", {}))
 
 
 def _n(v: Any) -> str:

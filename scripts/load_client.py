@@ -50,6 +50,7 @@ def run(socket_path: str, hz: float, seconds: float, deadline_s: float, stop: di
     period = 1.0 / hz
     rtts: list[float] = []
     done_at: list[float] = []
+    missed_at: list[float] = []  # wall clock, to line up with the agent's log
     failures: Counter[str] = Counter()
     versions: Counter[str] = Counter()
     start = next_t = time.perf_counter()
@@ -60,6 +61,8 @@ def run(socket_path: str, hz: float, seconds: float, deadline_s: float, stop: di
             t1 = time.perf_counter()
             rtts.append(t1 - t0)
             done_at.append(t1)
+            if t1 - t0 > deadline_s and len(missed_at) < 200:
+                missed_at.append(time.time())
             versions[policy.model_version] += 1
         except (InferenceError, OSError) as err:
             failures[f"{type(err).__name__}: {err}"] += 1
@@ -69,7 +72,9 @@ def run(socket_path: str, hz: float, seconds: float, deadline_s: float, stop: di
             time.sleep(delay)
         else:
             next_t = time.perf_counter()  # fell behind: don't burst to catch up
-    return summarize(rtts, done_at, failures, versions, time.perf_counter() - start, deadline_s)
+    result = summarize(rtts, done_at, failures, versions, time.perf_counter() - start, deadline_s)
+    result["missed_at"] = [round(t, 4) for t in missed_at]
+    return result
 
 
 def summarize(
