@@ -16,7 +16,7 @@ from typing import Any
 
 from agent import __version__, enginecache
 from agent.activation import Activation, IdlePolicy
-from agent.build import background, protect_daemon
+from agent.build import protect_daemon
 from agent.config import AgentConfig
 from agent.digest import sha256_file
 from agent.engines import Backend, engine_key, select_backend
@@ -67,7 +67,7 @@ class Daemon:
             lambda rid, info: self.events.put(("build-progress", rid, info)),
             lambda kind, fields: self.events.put(("emit", kind, fields)),
         )
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline", initializer=background)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         self.activation = Activation(
             cfg,
             self.store,

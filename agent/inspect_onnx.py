@@ -7,19 +7,27 @@ The child returns only the signature, or the one-line reason the file is no vali
 from __future__ import annotations
 
 import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from agent.build import die_with_parent, exit_reason
+from agent.build import background, die_with_parent, exit_reason
 from agent.errors import RejectedModel
 from agent.protocol import TensorSpec
 
 _MP = multiprocessing.get_context("spawn")
+_LAUNCHER = ThreadPoolExecutor(1, thread_name_prefix="onnx-check", initializer=background)
 Signature = tuple[list[TensorSpec], list[TensorSpec]]
 
 
 def inspect_onnx(path: Path, timeout_s: float = 600.0) -> Signature:
-    """RejectedModel('onnx', reason) when the file is not a valid model."""
+    """RejectedModel('onnx', reason) when the file is not a valid model. The child is started
+    from a background-priority thread, so it runs at nice 10 from its first instruction (its
+    interpreter start-up included) whichever thread asks."""
+    return _LAUNCHER.submit(_inspect, path, timeout_s).result()
+
+
+def _inspect(path: Path, timeout_s: float) -> Signature:
     recv, send = _MP.Pipe(duplex=False)
     proc = _MP.Process(target=_child, args=(str(path), send), name="onnx-check", daemon=True)
     proc.start()

@@ -222,9 +222,13 @@ def main() -> int:
     p.add_argument("--swaps", type=int, default=100)
     p.add_argument("--idle-s", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "swap.json")
+    p.add_argument("--keep", type=Path, help="keep the agent's log and the clients' JSON in this folder")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-swap-") as tmp:
         work = Path(tmp)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            work = args.keep
         world = World(work)
         try:
             models = [mlp(work / f"m{i}.onnx", seed=i) for i in range(2)]
