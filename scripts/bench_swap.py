@@ -119,7 +119,7 @@ class World:
                 return
             if (status["last_rejected"] or {}).get("version") == version:
                 raise RuntimeError(f"{version} rejected: {status['last_rejected']['reason']}")
-            time.sleep(0.01)
+            time.sleep(0.1)  # as `agent deploy --wait` polls; a status request costs the daemon work
         raise TimeoutError(f"{version} not active")
 
 
