@@ -36,6 +36,9 @@ from agent.enginecache import EngineMeta, write_sidecar
 log = logging.getLogger(__name__)
 
 
+LEASE_SETTLE_S = 0.2
+
+
 class ShareError(Exception):
     """S3 did not answer as expected; the caller falls back to a local build."""
 
@@ -119,7 +122,14 @@ class EngineShare:
         for _ in range(2):
             try:
                 self.s3.put_object(Bucket=self.cfg.bucket, Key=self._key(key, "lease"), Body=body, IfNoneMatch="*")
-                return Lease(True, self.device_id, time.time() + hold_s)
+                # Read it back after a moment: a store whose conditional put checks, then writes
+                # (moto; some S3-compatible servers) can let two agents both "win"; the last writer
+                # holds it. Real S3 refuses the second put and this read only confirms.
+                time.sleep(LEASE_SETTLE_S)
+                held = self._lease(key)
+                if held is None or held.ours:
+                    return Lease(True, self.device_id, time.time() + hold_s)
+                return held
             except ClientError as err:
                 if not _precondition_failed(err):
                     raise ShareError(f"taking the build lease failed: {err}") from err
