@@ -11,7 +11,6 @@ import logging
 import os
 import random
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +29,6 @@ ATTEMPTS = 5
 Progress = Callable[[int, int], None]
 
 
-class Cancelled(Exception):
-    pass
-
-
 def fetch(
     s3: Any,
     ref: ObjectRef,
@@ -42,7 +37,6 @@ def fetch(
     size: int,
     reserve_bytes: int,
     progress: Progress,
-    cancel: threading.Event,
 ) -> None:
     """Download `ref` to `dest`, verified against `sha256` and `size`. Raises FetchError."""
     if dest.exists() and sha256_file(dest).hexdigest() == sha256:
@@ -59,7 +53,7 @@ def fetch(
     for attempt in range(1, ATTEMPTS + 1):
         try:
             hasher = sha256_file(part) if part.exists() else hashlib.sha256()  # what is already there
-            _stream(s3, ref, part, etag, size, hasher, progress, cancel)
+            _stream(s3, ref, part, etag, size, hasher, progress)
             break
         except (BotoCoreError, ClientError, OSError) as err:
             if _is_precondition_failed(err):
@@ -106,7 +100,6 @@ def _stream(
     size: int,
     hasher: hashlib._Hash,
     progress: Progress,
-    cancel: threading.Event,
 ) -> None:
     offset = part.stat().st_size if part.exists() else 0
     if offset >= size:
@@ -117,8 +110,6 @@ def _stream(
     try:
         with part.open("ab") as f:
             for chunk in body.iter_chunks(CHUNK):
-                if cancel.is_set():
-                    raise Cancelled
                 f.write(chunk)
                 hasher.update(chunk)
                 done += len(chunk)

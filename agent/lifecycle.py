@@ -18,21 +18,9 @@ class ModelState(str, Enum):
     ROLLED_BACK = "rolled_back"
 
     @property
-    def in_progress(self) -> bool:
-        return self in _IN_PROGRESS
-
-    @property
     def terminal(self) -> bool:
         return self in (ModelState.REJECTED, ModelState.ROLLED_BACK)
 
-
-_IN_PROGRESS = {
-    ModelState.ANNOUNCED,
-    ModelState.DOWNLOADING,
-    ModelState.VERIFIED,
-    ModelState.BUILDING,
-    ModelState.VALIDATING,
-}
 
 # A restart resumes an unfinished candidate from whatever stage it reached, so the working
 # stages may go back to any working stage (the files on disk make the repeat cheap).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 import uuid
 from pathlib import Path
 
@@ -39,7 +38,6 @@ def get(s3: MotoS3, ref: ObjectRef, dest: Path, data: bytes, sha: str | None = N
         len(data),
         0,
         lambda done, _t: seen.append(done),
-        threading.Event(),
     )
     return seen
 
@@ -90,5 +88,4 @@ def test_disk_reserve(s3: MotoS3, bucket: str, tmp_path: Path) -> None:
             len(DATA),
             2**62,
             lambda *_: None,
-            threading.Event(),
         )
