@@ -193,17 +193,28 @@ def check_finite(engine: Engine, samples: list[dict[str, np.ndarray]]) -> CheckR
 
 
 def check_latency(engine: Engine, feed: dict[str, np.ndarray], manifest: Manifest, ctx: GateContext) -> CheckResult:
-    """Warm up, then p99 over `latency_calls` calls against the budget (manifest, else the channel's)."""
+    """Warm up, then p99 over `latency_calls` calls against the budget (manifest, else the channel's).
+    A run over budget is measured once more: one preemption on a busy host can lift the p99 of a
+    few hundred calls, a slow model fails both runs. The better run's figures are reported."""
     budget = int(manifest.extra.get("latency_budget_us", ctx.latency_budget_us))
     for _ in range(20):
         engine.run(feed)
-    times = np.empty(ctx.latency_calls)
-    for i in range(ctx.latency_calls):
+    p50, p99 = _timed(engine, feed, ctx.latency_calls)
+    runs = 1
+    if p99 > budget:
+        p50, p99 = min((p50, p99), _timed(engine, feed, ctx.latency_calls), key=lambda r: r[1])
+        runs = 2
+    figures = {"p50_us": p50, "p99_us": p99, "budget_us": budget, "calls": ctx.latency_calls, "runs": runs}
+    if p99 > budget:
+        return CheckResult("latency", False, figures, f"p99 {p99:.0f} µs exceeds the budget of {budget} µs")
+    return CheckResult("latency", True, figures)
+
+
+def _timed(engine: Engine, feed: dict[str, np.ndarray], calls: int) -> tuple[float, float]:
+    times = np.empty(calls)
+    for i in range(calls):
         t0 = time.perf_counter_ns()
         engine.run(feed)
         times[i] = (time.perf_counter_ns() - t0) / 1000
     p50, p99 = (round(float(np.percentile(times, q)), 1) for q in (50, 99))
-    figures = {"p50_us": p50, "p99_us": p99, "budget_us": budget, "calls": ctx.latency_calls}
-    if p99 > budget:
-        return CheckResult("latency", False, figures, f"p99 {p99:.0f} µs exceeds the budget of {budget} µs")
-    return CheckResult("latency", True, figures)
+    return p50, p99
