@@ -1,8 +1,9 @@
 """Activation: the swap, the post-activation watch with its automatic rollback, the operator's
 commands (activate, rollback, pin, unpin) and the retention of stored models and engines.
 
-Runs on the coordinator thread only. The swap itself is one reference change on the serving
-thread (agent.serve); the replaced model stays loaded during the watch, so a rollback is a swap too."""
+Runs on the coordinator thread only. The swap itself is a hand-over of the clients between two
+serving processes (agent.serve); the replaced one stays loaded during the watch, so a rollback is a
+swap too."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 Transition = Callable[..., ModelRecord]
 IdlePolicy = Callable[[], tuple[bool, str]]  # (may activate now, why not): the Go2 when-idle policy
 IDLE_CHECK_S = 0.5
+RESTART_EVERY_S = 5.0
 Emit = Callable[..., None]
 PIN_MARK = "pin"
 
@@ -77,6 +79,7 @@ class Activation:
         self.parked: tuple[int, ServedModel] | None = None  # passed the gate, loaded, waiting for idle
         self.parked_why = ""
         self._next_idle_check = 0.0
+        self._next_restart = 0.0
 
     @property
     def pinned(self) -> str | None:
@@ -146,6 +149,8 @@ class Activation:
     def tick(self) -> None:
         self._activate_parked()
         w = self.watch
+        if self.server.failure and w is None:
+            self._restart_serving(self.server.failure)
         if w is None:
             return
         stats = self.server.stats
@@ -159,6 +164,8 @@ class Activation:
 
     def _verdict(self, stats: SwapStats, w: Watch) -> str:
         wc = self.cfg.watch
+        if self.server.failure:
+            return self.server.failure
         if stats.errors > wc.max_errors:
             return f"{stats.errors} request errors in service"
         if stats.nonfinite:
@@ -180,10 +187,25 @@ class Activation:
             log.error("%s failed its watch (%s) and there is no previous model to go back to", w.version, reason)
             self.emit("watch_failed", version=w.version, reason=f"{reason}; no previous model to roll back to")
             return
-        self.server.swap(w.previous)  # the failed model is closed by the serving thread
+        self.server.swap(w.previous)  # the failed model's process ends
         self.transition(rec, ModelState.ROLLED_BACK, f"post-activation watch: {reason}")
         previous = self.store.get(w.previous_id)
         self.transition(previous, ModelState.ACTIVE, f"restored: {w.version} was rolled back ({reason})")
+
+    def _restart_serving(self, failure: str) -> None:
+        """The active model's serving process ended outside a watch: load it again in a new one."""
+        if time.monotonic() < self._next_restart:
+            return
+        self._next_restart = time.monotonic() + RESTART_EVERY_S
+        rec = self.store.active()
+        if rec is None:
+            return
+        log.error("%s; loading %s in a new serving process", failure, rec.version)
+        self.emit("serving_restarted", model_id=rec.id, version=rec.version, reason=failure)
+        try:
+            self.server.swap(self._load_stored(rec))
+        except Exception as err:
+            log.error("cannot restart serving %s: %s (retrying in %g s)", rec.version, err, RESTART_EVERY_S)
 
     def _end_watch(self, why: str) -> None:
         w, self.watch = self.watch, None
@@ -254,11 +276,11 @@ class Activation:
         return [r for r in recs if self.store.model_path(r.sha256).exists()]
 
     def _load_stored(self, rec: ModelRecord) -> ServedModel:
-        engine = self.pipeline.load_stored(rec.sha256)
+        path = self.pipeline.stored_engine(rec.sha256)
         key = engine_key(rec.sha256, self.backend)
         if rec.engine_key != key:
             self.store.set_engine_key(rec, key)
-        return ServedModel(engine, rec.version, rec.sha256, self.backend.name, rec.manifest.extra.get("deploy_config"))
+        return ServedModel.start(self.backend, path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
 
     # -- retention ---------------------------------------------------------------------------------
     def collect_garbage(self) -> None:

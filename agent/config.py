@@ -154,6 +154,9 @@ class AgentConfig:
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     activation: Literal["auto", "manual"] = "auto"
     disk_reserve_mb: int = 256
+    # SCHED_FIFO priority of the serving process, below the Go2 controller's 80: the controller
+    # waits on it every period. 0: normal scheduling at nice -5.
+    serving_rt_priority: int = 70
     outbox_max_events: int = 10000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -173,6 +176,8 @@ class AgentConfig:
         if self.disk_reserve_mb < 0:
             raise ConfigError("disk_reserve_mb: must be >= 0")
         positive("outbox_max_events", self.outbox_max_events)
+        if not 0 <= self.serving_rt_priority <= 99:
+            raise ConfigError(f"serving_rt_priority: must be 0 (no real-time) to 99, got {self.serving_rt_priority}")
         if not self.device_id:
             self.device_id = default_device_id()
         if "/" in self.device_id or "+" in self.device_id or "#" in self.device_id:

@@ -52,7 +52,7 @@ class Daemon:
         self.store = Store(cfg.state_dir)
         self.backend = backend or select_backend(cfg.backend, cfg.build.workspace_mb, cfg.build.fp16)
         self.recorder = LatencyRecorder()
-        self.server = InferenceServer(cfg.socket, self.recorder)
+        self.server = InferenceServer(cfg.socket, self.recorder, cfg.serving_rt_priority)
         self.link = Link(
             cfg.mqtt, cfg.device_id, self.topics.status(cfg.device_id), encode(self._offline_status()), self.events
         )
@@ -263,8 +263,8 @@ class Daemon:
     def _gate_context(self, cand: Candidate) -> GateContext:
         model = self.server.model
         return GateContext(
-            active_inputs=model.engine.inputs if model else None,
-            active_outputs=model.engine.outputs if model else None,
+            active_inputs=model.inputs if model else None,
+            active_outputs=model.outputs if model else None,
             precision=self.backend.cache_identity().get("precision", "fp32"),
             latency_budget_us=self.cfg.gate.latency_budget_us,
             latency_calls=self.cfg.gate.latency_calls,
@@ -345,15 +345,15 @@ class Daemon:
             problem = enginecache.stale_or_damaged(path, rec.engine_key, engine_key(rec.sha256, self.backend))
             if problem is not None:
                 raise AgentError(problem)
-            engine = self.backend.load(path)
+            served = ServedModel.start(
+                self.backend, path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config")
+            )
         except Exception as err:
             log.error("the active model %s does not load from its engine: %s", rec.version, err)
             self.transition(rec, ModelState.ROLLED_BACK, f"engine does not load after restart: {err}")
             self._rebuild_later(rec)
             return
-        self.server.swap_now(
-            ServedModel(engine, rec.version, rec.sha256, self.backend.name, rec.manifest.extra.get("deploy_config"))
-        )
+        self.server.swap_now(served)
         log.info("restored active model %s from %s", rec.version, rec.engine_key)
 
     def _rebuild_later(self, rec: ModelRecord) -> None:
@@ -480,7 +480,7 @@ class Daemon:
         self.link.publish(self.topics.status(self.cfg.device_id), encode(self.status.mqtt()), retain=True)
 
     def _publish_telemetry(self) -> None:
-        self.server.drain()
+        self.server.drain(force=True)
         summary = self.recorder.take_interval()
         model = self.server.model
         payload = {

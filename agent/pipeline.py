@@ -25,6 +25,7 @@ from agent.provision import Hooks, Obtained, Provisioner
 from agent.serve import ServedModel
 from agent.store import Store
 from agent.validate import GateContext, run_gate
+from agent.worker import WorkerFailed
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +91,25 @@ class Pipeline:
         try:
             results = run_gate(engine, m, gate)
         except BaseException:
-            engine.close()
             self.engines.settle(got.key, passed=False)
             raise
+        finally:
+            engine.close()  # the gate's copy: the serving process loads its own
+        try:
+            served = ServedModel.start(self.backend, got.path, m.version, m.sha256, m.extra.get("deploy_config"))
+        except WorkerFailed as err:
+            self.engines.settle(got.key, passed=False)
+            raise RejectedModel("load", str(err)) from err
         shared = self.engines.settle(got.key, passed=True)
         checks = {r.name: r.to_json() for r in results}
         figures = {"engine_key": got.key, **got.figures, **shared, "gate": checks}
         forced = [r.name for r in results if r.figures.get("forced")]
         note = f" (forced past {', '.join(forced)})" if forced else ""
         self.report(cand.record_id, ModelState.STAGED, f"passed the gate{note}", figures)
-        return ServedModel(engine, m.version, m.sha256, self.backend.name, m.extra.get("deploy_config"))
+        return served
 
-    def load_stored(self, sha256: str) -> Engine:
-        """A stored model's engine for an operator command (cache, else shared, else a build)."""
+    def stored_engine(self, sha256: str) -> Path:
+        """A stored model's engine file for an operator command (cache, else shared, else a build)."""
         model_path = self.store.model_path(sha256)
         quiet = Hooks(
             stage=lambda _r: None,
@@ -110,8 +117,7 @@ class Pipeline:
             notify=lambda _k, _f: None,
             cancelled=lambda: "the agent is stopping" if self.cancel.is_set() else None,
         )
-        got = self.engines.obtain(sha256, model_path, quiet)
-        return self.backend.load(got.path)
+        return self.engines.obtain(sha256, model_path, quiet).path
 
     def _download(self, cand: Candidate, model_path: Path) -> Path | None:
         m = cand.manifest

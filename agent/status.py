@@ -20,7 +20,7 @@ class StatusBuilder:
 
     def build(self) -> dict[str, Any]:
         d = self.d
-        d.server.drain()
+        d.server.drain(force=True)
         active = d.store.active()
         rejected = d.store.last_rejected()
         rolled = sorted(d.store.in_state(ModelState.ROLLED_BACK), key=lambda r: r.updated_at)

@@ -47,9 +47,9 @@ from tests.services import (  # noqa: E402
 )
 
 ENV = {**os.environ, **s3_env()}
-# The client stands for the Go2 controller, which runs above normal priority (README: the controller
-# unit); root can give it that here. Everything is measured the same way in every phase.
-CONTROLLER_NICE = -10 if os.geteuid() == 0 else 0
+# The client stands for the Go2 controller, which its unit runs SCHED_FIFO 80 (systemd/go2-controller
+# .service); root can give it that here. Everything is measured the same way in every phase.
+CONTROLLER_FIFO = 80 if os.geteuid() == 0 else 0
 
 
 class World:
@@ -138,8 +138,8 @@ class Client:
                 "500",
                 "--out",
                 str(self.out),
-                "--nice",
-                str(CONTROLLER_NICE),
+                "--fifo",
+                str(CONTROLLER_FIFO),
             ],
             env=ENV,
         )

@@ -29,9 +29,12 @@ def main() -> int:
     p.add_argument("--deadline-ms", type=float, default=2.0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nice", type=int, default=0, help="CPU priority, as a controller would run (needs root below 0)")
+    p.add_argument("--fifo", type=int, default=0, help="SCHED_FIFO priority, as the Go2 controller's unit runs it")
     args = p.parse_args()
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)
+    if args.fifo:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.fifo))
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))

@@ -106,6 +106,7 @@ def _serving_during(cfg: Path) -> Iterator[_Served]:
     model = mlp(cfg.parent / "m.onnx")
     model.rename(inbox / "served.onnx")
     control = cfg.parent / "run" / "control.sock"
+    wait_for(control.exists, 20, "the control socket")
     wait_for(
         lambda: (call(control, {"cmd": "status"})["status"]["active"] or {}).get("version") == "served",
         30,

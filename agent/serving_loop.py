@@ -1,0 +1,282 @@
+"""The loop of one serving process (agent.worker): it owns one loaded engine and, while it is the
+active one, the inference socket's listener and every client connection.
+
+One thread does everything: it multiplexes the client sockets (selectors) and runs every inference.
+No other Python thread shares this process, so nothing the daemon does (downloads, the gate,
+loading the next engine, MQTT, SQLite) can hold the lock this thread needs to answer.
+
+A swap is a hand-over between two processes: the old one, between two requests, sends its listener
+and its connections (file descriptors, with any bytes of a partial request or an unsent reply) to
+the new one in one SCM_RIGHTS message; the new one answers the next request. Clients keep their
+connection and see nothing but the version in the replies."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import selectors
+import socket
+import time
+from dataclasses import dataclass, field
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from agent import wire
+from agent.engines import Engine
+from agent.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_FDS = 250  # per SCM_RIGHTS message (the kernel's limit is 253)
+HANDOVER_BYTES = 1 << 22
+
+
+@dataclass
+class Identity:
+    """What the INFO request answers."""
+
+    version: str
+    sha256: str
+    backend: str
+    deploy_config: dict[str, Any] | None = None
+
+    def info(self, engine: Engine) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "version": self.version,
+            "sha256": self.sha256,
+            "backend": self.backend,
+            "inputs": [t.to_json() for t in engine.inputs],
+            "outputs": [t.to_json() for t in engine.outputs],
+        }
+        if self.deploy_config is not None:
+            d["deploy_config"] = self.deploy_config
+        return d
+
+
+@dataclass
+class Counts:
+    """What this process served since the daemon last asked (the daemon keeps the totals)."""
+
+    requests: int = 0
+    errors: int = 0
+    nonfinite: int = 0
+    samples: list[int] = field(default_factory=list)  # inference µs per answered request
+
+    def take(self, clients: int) -> dict[str, Any]:
+        d = {
+            "requests": self.requests,
+            "errors": self.errors,
+            "nonfinite": self.nonfinite,
+            "samples": self.samples,
+            "clients": clients,
+        }
+        self.requests = self.errors = self.nonfinite = 0
+        self.samples = []
+        return d
+
+
+class _Conn:
+    __slots__ = ("inbuf", "outbuf", "sock", "writing")
+
+    def __init__(self, sock: socket.socket, inbuf: bytes = b"", outbuf: bytes = b"") -> None:
+        self.sock = sock
+        self.inbuf = bytearray(inbuf)
+        self.outbuf = bytearray(outbuf)
+        self.writing = False  # registered for EVENT_WRITE (a reply did not fit the socket buffer)
+
+
+class ServingLoop:
+    def __init__(self, engine: Engine | None, identity: Identity, ctl: Connection, inbox: socket.socket) -> None:
+        self.engine = engine
+        self.identity = identity
+        self.ctl = ctl
+        self.inbox = inbox
+        self.counts = Counts()
+        self._conns: dict[int, _Conn] = {}
+        self._listener: socket.socket | None = None
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(ctl.fileno(), selectors.EVENT_READ, "ctl")
+        self._sel.register(inbox, selectors.EVENT_READ, "inbox")
+        self._stop = False
+
+    def run(self) -> None:
+        while not self._stop:
+            for key, mask in self._sel.select(timeout=1.0):
+                self._dispatch(key, mask)
+        for conn in list(self._conns.values()):
+            self._close(conn)
+
+    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
+        if key.data == "accept":
+            self._accept()
+        elif key.data == "ctl":
+            self._on_ctl()
+        elif key.data == "inbox":
+            self._take_over()
+        else:
+            conn = self._conns.get(key.fd)
+            if conn is None:
+                return
+            if mask & selectors.EVENT_READ:
+                self._read(conn)
+            if mask & selectors.EVENT_WRITE and conn.sock.fileno() in self._conns:
+                self._flush(conn)
+
+    # -- the daemon's requests -------------------------------------------------------------------
+    def _on_ctl(self) -> None:
+        try:
+            msg = self.ctl.recv()
+        except (EOFError, OSError):  # the daemon is gone (PR_SET_PDEATHSIG ends us too)
+            self._stop = True
+            return
+        cmd = msg.get("cmd")
+        if cmd == "stats":
+            self.ctl.send(self.counts.take(len(self._conns)))
+        elif cmd == "handover":
+            target = socket.socket(fileno=reduction.recv_handle(self.ctl))
+            try:
+                moved = self._hand_over(target)
+            finally:
+                target.close()
+            self.ctl.send({"moved": moved, **self.counts.take(0)})
+        elif cmd == "stop":
+            self._stop = True
+            self.ctl.send({"stopped": True})
+
+    # -- the hand-over -----------------------------------------------------------------------------
+    def _hand_over(self, target: socket.socket) -> int:
+        """Send the listener and every connection to the next serving process; returns how many
+        connections moved. Runs between two requests: no request is half answered."""
+        items: list[tuple[socket.socket, dict[str, str] | None]] = []
+        if self._listener is not None:
+            items.append((self._listener, None))
+        items += [(c.sock, {"inbuf": c.inbuf.hex(), "outbuf": c.outbuf.hex()}) for c in self._conns.values()]
+        for sock, _ in items:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)
+        for start in range(0, len(items), MAX_FDS):
+            chunk = items[start : start + MAX_FDS]
+            header = {"listener": chunk[0][1] is None, "conns": [bufs for _, bufs in chunk if bufs is not None]}
+            socket.send_fds(target, [json.dumps(header).encode()], [sock.fileno() for sock, _ in chunk])
+        for sock, _ in items:
+            sock.close()
+        moved = len(self._conns)
+        self._conns.clear()
+        self._listener = None
+        return moved
+
+    def _take_over(self) -> None:
+        data, fds, _flags, _addr = socket.recv_fds(self.inbox, HANDOVER_BYTES, MAX_FDS)
+        if not data:
+            self._stop = True
+            return
+        header = json.loads(data)
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        if header["listener"]:
+            self._listener = socks.pop(0)
+            self._listener.setblocking(False)
+            self._sel.register(self._listener, selectors.EVENT_READ, "accept")
+        for sock, bufs in zip(socks, header["conns"], strict=True):
+            self._adopt(sock, bytes.fromhex(bufs["inbuf"]), bytes.fromhex(bufs["outbuf"]))
+
+    def _adopt(self, sock: socket.socket, inbuf: bytes = b"", outbuf: bytes = b"") -> None:
+        sock.setblocking(False)
+        conn = _Conn(sock, inbuf, outbuf)
+        self._conns[sock.fileno()] = conn
+        self._sel.register(sock, selectors.EVENT_READ, "conn")
+        if conn.inbuf:
+            self._answer(conn)
+        elif conn.outbuf:
+            self._flush(conn)
+
+    # -- clients -----------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        self._adopt(sock)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.inbuf += data
+        self._answer(conn)
+
+    def _answer(self, conn: _Conn) -> None:
+        try:
+            bodies = wire.split_frames(conn.inbuf)
+        except ProtocolError as err:
+            log.warning("closing a client that sent a bad frame: %s", err)
+            self._close(conn)
+            return
+        for body in bodies:
+            conn.outbuf += self._handle(body)
+        self._flush(conn)
+
+    def _handle(self, body: bytes) -> bytes:
+        version = self.identity.version if self.engine else ""
+        try:
+            kind, rid = wire.parse_head(body)
+        except ProtocolError as err:
+            self.counts.errors += 1
+            return wire.error(0, version, str(err))
+        if self.engine is None:
+            self.counts.errors += 1
+            return wire.error(rid, "", "no active model yet")
+        if kind == wire.INFO:
+            return wire.info(rid, version, json.dumps(self.identity.info(self.engine)).encode())
+        if kind != wire.INFER:
+            self.counts.errors += 1
+            return wire.error(rid, version, f"unknown request kind {kind}")
+        return self._infer(self.engine, rid, body)
+
+    def _infer(self, engine: Engine, rid: int, body: bytes) -> bytes:
+        counts, version = self.counts, self.identity.version
+        try:
+            feeds = wire.unpack_tensors(memoryview(body), 5)
+            t0 = time.perf_counter_ns()
+            outputs = engine.run(feeds)
+            us = (time.perf_counter_ns() - t0) // 1000
+        except Exception as err:  # a bad request must not take serving down
+            counts.errors += 1
+            return wire.error(rid, version, f"{type(err).__name__}: {err}")
+        counts.samples.append(us)  # histograms are fed by the daemon, off the hot path
+        counts.requests += 1
+        for out in outputs.values():
+            if out.dtype.kind == "f" and not np.isfinite(out).all():
+                counts.nonfinite += 1  # still answered: the controller's safety layer decides
+                break
+        return wire.result(rid, version, outputs)
+
+    def _flush(self, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf) if conn.outbuf else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        del conn.outbuf[:sent]
+        if bool(conn.outbuf) != conn.writing:
+            conn.writing = bool(conn.outbuf)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.writing else 0)
+            self._sel.modify(conn.sock, events, "conn")
+
+    def _close(self, conn: _Conn) -> None:
+        self._conns.pop(conn.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(conn.sock)
+        conn.sock.close()
