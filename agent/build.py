@@ -82,7 +82,7 @@ def run_build(
         target=_child, args=(backend, str(onnx_path), str(engine_path), send), name="engine-build", daemon=True
     )
     started = time.monotonic()
-    proc.start()
+    start_in_background(proc)
     send.close()
     assert proc.pid is not None
     info = BuildInfo(proc.pid, "starting", None, started)
@@ -233,13 +233,31 @@ def die_with_parent(name: str) -> None:
 BACKGROUND_NICE = 10
 
 
-def background() -> None:
-    """Lower this process's (or, called on a thread, this thread's) CPU priority: downloads, ONNX
-    checks, builds and the gate yield the CPU to the serving thread and the controller."""
+def start_in_background(proc: Any) -> None:
+    """Start a child process and make it SCHED_IDLE at once (it repeats that itself, see
+    die_with_parent). A SCHED_IDLE task gets a CPU only when no other task wants it, and any task
+    that wakes preempts it at once; a nice-10 task could keep the CPU from the serving process
+    until the next scheduler tick (4 ms at HZ=250: two control periods)."""
+    proc.start()
+    idle(proc.pid)
+
+
+def idle(tid: int) -> None:
+    """SCHED_IDLE for a thread (a process's main thread: its pid); nice 10 where that is refused."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-    except OSError as err:
-        log.debug("cannot lower the priority of background work: %s", err)
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError) as err:
+        log.debug("no SCHED_IDLE for %d (%s): nice %d", tid, err, BACKGROUND_NICE)
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
+        except OSError as err2:
+            log.debug("cannot lower the priority of background work: %s", err2)
+
+
+def background() -> None:
+    """This thread (the main thread of a download, check or build child) yields the CPU to
+    everything else: the serving process and the controller first."""
+    idle(threading.get_native_id())
 
 
 def protect_daemon() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from agent.build import die_with_parent, exit_reason
+from agent.build import die_with_parent, exit_reason, start_in_background
 from agent.config import S3Config
 from agent.errors import AgentError, FetchError
 from agent.protocol import ObjectRef
@@ -40,7 +40,7 @@ def download(
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     args = (s3, ref, str(dest), sha256, size, reserve_bytes, send, level)
     proc = _MP.Process(target=_child, args=args, name="download", daemon=True)
-    proc.start()
+    start_in_background(proc)
     send.close()
     try:
         _follow(proc, recv, progress, cancel)

@@ -24,7 +24,7 @@ from agent.protocol import ObjectRef
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16
 ATTEMPTS = 5
 Progress = Callable[[int, int], None]
 

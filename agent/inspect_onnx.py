@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from agent.build import background, die_with_parent, exit_reason
+from agent.build import background, die_with_parent, exit_reason, start_in_background
 from agent.errors import RejectedModel
 from agent.protocol import TensorSpec
 
@@ -30,7 +30,7 @@ def inspect_onnx(path: Path, timeout_s: float = 600.0) -> Signature:
 def _inspect(path: Path, timeout_s: float) -> Signature:
     recv, send = _MP.Pipe(duplex=False)
     proc = _MP.Process(target=_child, args=(str(path), send), name="onnx-check", daemon=True)
-    proc.start()
+    start_in_background(proc)
     send.close()
     try:
         if not recv.poll(timeout_s):

@@ -89,6 +89,11 @@ class InferenceServer:
     def model(self) -> ServedModel | None:
         return self._model
 
+    @property
+    def serving_pid(self) -> int | None:
+        """The process that answers the clients now."""
+        return self._holder.pid if self._holder else None
+
     def swap_now(self, model: ServedModel) -> None:
         """Before start(): the model restored from the state dir."""
         assert self._listener is None

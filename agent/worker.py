@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from agent.build import BACKGROUND_NICE, die_with_parent, exit_reason
+from agent.build import die_with_parent, exit_reason, idle, start_in_background
 from agent.engines import Backend
 from agent.errors import AgentError
 from agent.protocol import TensorSpec
@@ -57,7 +57,7 @@ class EngineWorker:
         self.proc = _MP.Process(
             target=_child, args=(backend, path, identity, child_ctl, inbox), name=PROCESS_NAME, daemon=True
         )
-        self.proc.start()
+        start_in_background(self.proc)
         child_ctl.close()
         inbox.close()
         assert self.proc.pid is not None
@@ -135,11 +135,7 @@ class EngineWorker:
 
     def standby_priority(self) -> None:
         """Back to background priority once it has handed its clients over (kept for a rollback)."""
-        try:
-            os.sched_setscheduler(self.pid, os.SCHED_OTHER, os.sched_param(0))
-        except OSError as err:
-            log.debug("serving process %d: %s", self.pid, err)
-        _setpriority(self.pid, BACKGROUND_NICE)
+        idle(self.pid)
 
     def close(self) -> None:
         if self._closed:
@@ -198,4 +194,4 @@ def _warm_up(engine: Any) -> None:
         engine.run(feed)
 
 
-__all__ = ["BACKGROUND_NICE", "SERVING_NICE", "EngineWorker", "Identity", "WorkerFailed"]
+__all__ = ["SERVING_NICE", "EngineWorker", "Identity", "WorkerFailed"]

@@ -77,6 +77,9 @@ def run(socket_path: str, hz: float, seconds: float, deadline_s: float, stop: di
             next_t = time.perf_counter()  # fell behind: don't burst to catch up
     result = summarize(rtts, done_at, failures, versions, time.perf_counter() - start, deadline_s)
     result["missed_at"] = [round(t, 4) for t in missed_at]
+    if len(done_at) > 1:  # wall clock of the largest gap's end, to line up with the agent's log
+        end = int(np.argmax(np.diff(done_at))) + 1
+        result["max_gap_at"] = round(time.time() - (time.perf_counter() - done_at[end]), 4)
     return result
 
 

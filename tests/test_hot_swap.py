@@ -4,6 +4,8 @@ on the real broker and S3 endpoint with the agent as a process."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +80,38 @@ def test_nan_in_service_is_rolled_back_automatically(fleet: Fleet, tmp_path: Pat
     assert status["last_rollback"]["version"] == "v2"
     assert "post-activation watch: 1 responses with NaN/Inf" in status["last_rollback"]["reason"]
     assert "rolled back v2" in fleet.agent(cfg, "status").stdout
+
+
+def test_a_crashed_serving_process_is_rolled_back_in_the_watch_and_restarted_after(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.start_collector()
+    cfg = fleet.agent_config("go2-crash", extra="[watch]\nwindow_s = 60\n")
+    fleet.start_agent(cfg)
+    fleet.publish(mlp(tmp_path / "v1.onnx", seed=1), "v1")
+    fleet.wait_active(cfg, "v1")
+    fleet.publish(mlp(tmp_path / "v2.onnx", seed=2), "v2")
+    status = fleet.wait_active(cfg, "v2")
+    crashed = status["serving_pid"]
+    os.kill(crashed, signal.SIGKILL)  # a runtime that segfaults takes its own process down
+    status = fleet.wait_active(cfg, "v1", timeout=10)
+    assert "the serving process ended: killed by signal 9" in status["last_rollback"]["reason"]
+    assert status["serving_pid"] not in (crashed, None)
+    with Policy(cfg.parent / "run" / "infer.sock") as policy:
+        policy(np.zeros((1, 48), np.float32))
+        assert policy.model_version == "v1"
+
+    # Outside a watch there is nothing to roll back to: the same model comes back in a new process.
+    running = fleet.status(cfg)["serving_pid"]
+    os.kill(running, signal.SIGKILL)
+    restarted = wait_for(
+        lambda: (s := fleet.status(cfg))["serving_pid"] not in (running, None) and s, 15, "a new serving process"
+    )
+    assert restarted["active"]["version"] == "v1"
+    with Policy(cfg.parent / "run" / "infer.sock") as policy:
+        policy(np.zeros((1, 48), np.float32))
+        assert policy.model_version == "v1"
+    wait_for(lambda: any(e["kind"] == "serving_restarted" for e in fleet.events("go2-crash")), 20, "the event")
 
 
 def test_manual_policy_activate_rollback_pin_unpin(fleet: Fleet, tmp_path: Path) -> None:

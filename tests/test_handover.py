@@ -1,0 +1,99 @@
+"""The swap between two real serving processes (agent.worker): the listener and the client
+connections move, with a partial request in flight, and the client's connection never breaks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import wire
+from agent.client import Policy
+from agent.engines.onnxruntime import OnnxRuntimeBackend
+from agent.worker import EngineWorker, Identity, WorkerFailed
+from tests.models import mlp
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[tuple[EngineWorker, EngineWorker, socket.socket]]:
+    backend = OnnxRuntimeBackend()
+    started = []
+    for v, seed in (("a", 1), ("b", 2)):
+        engine = tmp_path / f"{v}.engine"
+        backend.build(mlp(tmp_path / f"{v}.onnx", seed=seed), engine)
+        started.append(EngineWorker(backend, engine, Identity(v, f"sha-{v}", backend.name)))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "infer.sock"))
+    listener.listen(8)
+    started[0].give(listener)
+    try:
+        yield started[0], started[1], listener
+    finally:
+        for w in started:
+            w.close()
+        listener.close()
+
+
+def _read_frame(sock: socket.socket) -> bytes:
+    buf = bytearray()
+    while True:
+        frames = wire.split_frames(buf)
+        if frames:
+            return frames[0]
+        chunk = sock.recv(1 << 16)
+        assert chunk, "the server closed the connection"
+        buf += chunk
+
+
+def test_a_partial_request_and_the_connection_move_to_the_next_process(
+    workers: tuple[EngineWorker, EngineWorker, socket.socket], tmp_path: Path
+) -> None:
+    a, b, _ = workers
+    obs = {"obs": np.ones((1, 48), np.float32)}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client, Policy(tmp_path / "infer.sock") as other:
+        client.settimeout(5)
+        client.connect(str(tmp_path / "infer.sock"))
+        client.sendall(wire.request(wire.INFER, 1, obs))
+        assert wire.parse_response(_read_frame(client))[2] == "a"
+        other(obs["obs"])
+        assert other.model_version == "a"
+        assert a.stats()["clients"] == 2
+
+        half = wire.request(wire.INFER, 2, obs)
+        client.sendall(half[:20])
+        time.sleep(0.2)  # a has read them: it holds 20 bytes of a request when the swap comes
+        moved = a.hand_over_to(b)
+        assert moved["moved"] == 2
+        client.sendall(half[20:])
+        kind, rid, version, _, _ = wire.parse_response(_read_frame(client))
+        assert (kind, rid, version) == (wire.RESULT, 2, "b")
+        other(obs["obs"])
+        assert other.model_version == "b"  # the same connection: no reconnect
+        assert b.stats()["clients"] == 2 and a.stats()["clients"] == 0
+
+        b.hand_over_to(a)  # a rollback is a hand-over back
+        client.sendall(wire.request(wire.INFER, 3, obs))
+        assert wire.parse_response(_read_frame(client))[2] == "a"
+
+
+def test_a_dead_serving_process_is_reported_with_its_signal(
+    workers: tuple[EngineWorker, EngineWorker, socket.socket],
+) -> None:
+    a, _, _ = workers
+    os.kill(a.pid, signal.SIGKILL)
+    with pytest.raises(WorkerFailed, match="killed by signal 9"):
+        a.stats()
+    assert a.failure() is not None and "signal 9" in str(a.failure())
+
+
+def test_an_engine_that_does_not_load_fails_with_the_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.engine"
+    bad.write_bytes(b"not an engine")
+    with pytest.raises(WorkerFailed, match="the engine does not load"):
+        EngineWorker(OnnxRuntimeBackend(), bad, Identity("x", "sha-x", "onnxruntime"))
