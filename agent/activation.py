@@ -280,7 +280,7 @@ class Activation:
         key = engine_key(rec.sha256, self.backend)
         if rec.engine_key != key:
             self.store.set_engine_key(rec, key)
-        return ServedModel.start(self.backend, path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
+        return self.server.load(path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
 
     # -- retention ---------------------------------------------------------------------------------
     def collect_garbage(self) -> None:

@@ -169,13 +169,14 @@ def _kill(proc: Any) -> None:
     proc.join(10)
 
 
-def exit_reason(code: int) -> str:
+def exit_reason(code: int, what: str = "the build process") -> str:
+    """Why a child ended, for a user: `what` names it."""
     if code < 0:
         sig = -code
         name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
         hint = ", likely out of memory (the OOM killer)" if sig == signal.SIGKILL else ""
-        return f"the build process was killed by signal {sig} ({name}){hint}"
-    return f"the build process exited with status {code} without a result"
+        return f"{what} was killed by signal {sig} ({name}){hint}"
+    return f"{what} exited with status {code} without a result"
 
 
 def available_mb() -> int | None:

@@ -52,7 +52,7 @@ class Daemon:
         self.store = Store(cfg.state_dir)
         self.backend = backend or select_backend(cfg.backend, cfg.build.workspace_mb, cfg.build.fp16)
         self.recorder = LatencyRecorder()
-        self.server = InferenceServer(cfg.socket, self.recorder, cfg.serving_rt_priority)
+        self.server = InferenceServer(cfg.socket, self.recorder, self.backend, cfg.serving_rt_priority)
         self.link = Link(
             cfg.mqtt, cfg.device_id, self.topics.status(cfg.device_id), encode(self._offline_status()), self.events
         )
@@ -60,6 +60,7 @@ class Daemon:
         self.pipeline = Pipeline(
             self.store,
             self.backend,
+            self.server,
             cfg.s3,
             cfg.disk_reserve_mb * 2**20,
             self._report_stage,
@@ -345,9 +346,7 @@ class Daemon:
             problem = enginecache.stale_or_damaged(path, rec.engine_key, engine_key(rec.sha256, self.backend))
             if problem is not None:
                 raise AgentError(problem)
-            served = ServedModel.start(
-                self.backend, path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config")
-            )
+            served = self.server.load(path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
         except Exception as err:
             log.error("the active model %s does not load from its engine: %s", rec.version, err)
             self.transition(rec, ModelState.ROLLED_BACK, f"engine does not load after restart: {err}")

@@ -64,7 +64,7 @@ def _follow(
             msg = recv.recv()
         except EOFError:
             proc.join(5)
-            why = exit_reason(proc.exitcode or 0)
+            why = exit_reason(proc.exitcode or 0, "the download process")
             raise FetchError(f"the download process ended without a result: {why}") from None
         if msg[0] == "progress":
             progress(msg[1], msg[2])

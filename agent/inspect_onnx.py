@@ -38,7 +38,9 @@ def _inspect(path: Path, timeout_s: float) -> Signature:
         ok, payload = recv.recv()
     except EOFError:
         proc.join(5)
-        raise RejectedModel("onnx", f"the ONNX check failed: {exit_reason(proc.exitcode or 0)}") from None
+        raise RejectedModel(
+            "onnx", f"the ONNX check failed: {exit_reason(proc.exitcode or 0, 'the ONNX check process')}"
+        ) from None
     finally:
         if proc.is_alive():
             proc.kill()

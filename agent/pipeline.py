@@ -22,7 +22,7 @@ from agent.inspect_onnx import inspect_onnx
 from agent.lifecycle import ModelState
 from agent.protocol import Manifest, signature_diff
 from agent.provision import Hooks, Obtained, Provisioner
-from agent.serve import ServedModel
+from agent.serve import InferenceServer, ServedModel
 from agent.store import Store
 from agent.validate import GateContext, run_gate
 from agent.worker import WorkerFailed
@@ -52,6 +52,7 @@ class Pipeline:
         self,
         store: Store,
         backend: Backend,
+        serving: InferenceServer,
         s3: S3Config,
         reserve_bytes: int,
         report: Report,
@@ -62,6 +63,7 @@ class Pipeline:
     ) -> None:
         self.store = store  # only its path helpers are used here: no DB access off the coordinator
         self.backend = backend
+        self.serving = serving  # loads a model that passed the gate in a serving process
         self.s3 = s3
         self.reserve_bytes = reserve_bytes
         self.report = report
@@ -96,7 +98,7 @@ class Pipeline:
         finally:
             engine.close()  # the gate's copy: the serving process loads its own
         try:
-            served = ServedModel.start(self.backend, got.path, m.version, m.sha256, m.extra.get("deploy_config"))
+            served = self.serving.load(got.path, m.version, m.sha256, m.extra.get("deploy_config"))
         except WorkerFailed as err:
             self.engines.settle(got.key, passed=False)
             raise RejectedModel("load", str(err)) from err

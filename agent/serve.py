@@ -20,7 +20,7 @@ from typing import Any
 from agent.engines import Backend
 from agent.protocol import TensorSpec
 from agent.telemetry import LatencyRecorder
-from agent.worker import EngineWorker, Identity, WorkerFailed
+from agent.worker import EngineWorker, Identity, WorkerFailed, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,6 @@ class ServedModel:
     """A loaded model: its serving process, started and warmed up."""
 
     worker: EngineWorker
-
-    @staticmethod
-    def start(
-        backend: Backend, engine_path: Path, version: str, sha256: str, deploy_config: dict[str, Any] | None
-    ) -> ServedModel:
-        """Loads the engine in a new serving process (raises WorkerFailed with the reason)."""
-        identity = Identity(version, sha256, backend.name, deploy_config)
-        return ServedModel(EngineWorker(backend, engine_path, identity))
 
     @property
     def version(self) -> str:
@@ -71,10 +63,12 @@ class SwapStats:
 
 
 class InferenceServer:
-    def __init__(self, path: Path, recorder: LatencyRecorder, rt_priority: int = 0) -> None:
+    def __init__(self, path: Path, recorder: LatencyRecorder, backend: Backend, rt_priority: int = 0) -> None:
         self.path = path
         self.recorder = recorder
+        self.backend = backend
         self.rt_priority = rt_priority
+        self.pool = WorkerPool(backend)
         self.requests = 0
         self.errors = 0
         self.clients = 0
@@ -94,6 +88,12 @@ class InferenceServer:
         """The process that answers the clients now."""
         return self._holder.pid if self._holder else None
 
+    def load(self, engine_path: Path, version: str, sha256: str, deploy_config: dict[str, Any] | None) -> ServedModel:
+        """Load an engine in a serving process (a spare one when there is one), off the serving
+        path; raises WorkerFailed (EngineLoadFailed: the engine's fault) with the reason."""
+        identity = Identity(version, sha256, self.backend.name, deploy_config)
+        return ServedModel(self.pool.start(engine_path, identity))
+
     def swap_now(self, model: ServedModel) -> None:
         """Before start(): the model restored from the state dir."""
         assert self._listener is None
@@ -109,7 +109,7 @@ class InferenceServer:
         os.chmod(self.path, 0o660)
         listener.listen(64)
         self._listener = listener
-        holder = self._model.worker if self._model else EngineWorker(None, None, Identity("", "", ""))
+        holder = self._model.worker if self._model else self.pool.start(None, Identity("", "", self.backend.name))
         holder.serving_priority(self.rt_priority)
         holder.give(listener)
         self._holder = holder
@@ -131,16 +131,17 @@ class InferenceServer:
         self._model, self._holder = model, new
         self.stats, self.failure = SwapStats(model.version), None
         if old is None or holder is not old.worker:
-            holder.close()  # the engine-less process, or one that failed
+            self.pool.retire(holder)  # the engine-less process, or one that failed
         if old is not None and not keep_previous:
-            old.worker.close()
+            self.pool.retire(old.worker)
             return None
         return old
 
     def release(self, model: ServedModel) -> None:
-        """End the process of a model handed back by `swap` (or loaded and never swapped in)."""
+        """Close a model handed back by `swap` (or loaded and never swapped in); its process stays
+        as a spare for the next model."""
         if model is not self._model:
-            model.worker.close()
+            self.pool.retire(model.worker)
 
     def drain(self, force: bool = False) -> None:
         """Collect what the process in service answered since the last call (at most every
@@ -171,6 +172,7 @@ class InferenceServer:
         for worker in {self._holder, self._model.worker if self._model else None} - {None}:
             assert worker is not None
             worker.close()
+        self.pool.close()
         if self._listener is not None:
             self._listener.close()
             self.path.unlink(missing_ok=True)

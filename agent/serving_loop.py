@@ -13,11 +13,13 @@ connection and see nothing but the version in the replies."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import selectors
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -89,9 +91,23 @@ class _Conn:
         self.writing = False  # registered for EVENT_WRITE (a reply did not fit the socket buffer)
 
 
+def ready(engine: Engine | None) -> dict[str, Any]:
+    """The reply to a load: the engine's I/O, which the daemon checks models against."""
+    specs = (engine.inputs, engine.outputs) if engine is not None else ([], [])
+    return {"ready": True, "inputs": [t.to_json() for t in specs[0]], "outputs": [t.to_json() for t in specs[1]]}
+
+
 class ServingLoop:
-    def __init__(self, engine: Engine | None, identity: Identity, ctl: Connection, inbox: socket.socket) -> None:
+    def __init__(
+        self,
+        engine: Engine | None,
+        identity: Identity,
+        ctl: Connection,
+        inbox: socket.socket,
+        load: Callable[[str], Engine] | None = None,
+    ) -> None:
         self.engine = engine
+        self.load = load
         self.identity = identity
         self.ctl = ctl
         self.inbox = inbox
@@ -109,6 +125,7 @@ class ServingLoop:
                 self._dispatch(key, mask)
         for conn in list(self._conns.values()):
             self._close(conn)
+        self._unload()
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
         if key.data == "accept":
@@ -143,9 +160,37 @@ class ServingLoop:
             finally:
                 target.close()
             self.ctl.send({"moved": moved, **self.counts.take(0)})
+        elif cmd == "load":
+            self.ctl.send(self.load_model(msg["engine_path"], msg["identity"]))
+        elif cmd == "unload":
+            self._unload()
+            self.ctl.send({"unloaded": True})
         elif cmd == "stop":
             self._stop = True
             self.ctl.send({"stopped": True})
+
+    # -- a spare process loads the next model --------------------------------------------------------
+    def load_model(self, engine_path: str, identity: Identity) -> dict[str, Any]:
+        if self._conns or self._listener is not None:
+            return {"error": "this process is serving: hand its clients over first"}
+        if self.load is None:
+            return {"error": "this process has no backend"}
+        self._unload()
+        try:
+            self.engine = self.load(engine_path)
+        except Exception as err:
+            return {"error": f"{type(err).__name__}: {err}"}
+        self.identity = identity
+        gc.collect()
+        gc.freeze()  # what is loaded stays; a full collection never walks it while we serve
+        return ready(self.engine)
+
+    def _unload(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
+        self.identity = Identity("", "", self.identity.backend)
+        gc.unfreeze()
 
     # -- the hand-over -----------------------------------------------------------------------------
     def _hand_over(self, target: socket.socket) -> int:

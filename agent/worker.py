@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 from multiprocessing import reduction
@@ -26,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.build import die_with_parent, exit_reason, idle, start_in_background
-from agent.engines import Backend
+from agent.engines import Backend, Engine
 from agent.errors import AgentError
 from agent.protocol import TensorSpec
-from agent.serving_loop import Identity, ServingLoop
+from agent.serving_loop import Identity, ServingLoop, ready
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,60 @@ WARMUP_CALLS = 20
 
 class WorkerFailed(AgentError):
     pass
+
+
+class EngineLoadFailed(WorkerFailed):
+    """The process is fine; the engine is not."""
+
+
+class WorkerPool:
+    """The serving processes. Each model loads in one; the process of a model that is released
+    stays as a spare (engine closed, runtime imported, a CUDA context kept) and loads the next one,
+    so a steady stream of swaps alternates between two processes and starts none: starting a
+    process (exec, imports, page faults) is kernel work that nothing preempts on a PREEMPT_NONE
+    kernel. Thread-safe: the pipeline thread loads, the coordinator retires."""
+
+    MAX_SPARES = 1
+
+    def __init__(self, backend: Backend | None) -> None:
+        self.backend = backend
+        self._spares: list[EngineWorker] = []
+        self._lock = threading.Lock()
+
+    def start(self, engine_path: Path | None, identity: Identity) -> EngineWorker:
+        with self._lock:
+            spare = self._spares.pop() if self._spares and engine_path is not None else None
+        if spare is None:
+            return EngineWorker(self.backend, engine_path, identity)
+        assert engine_path is not None
+        try:
+            spare.load(engine_path, identity)
+        except EngineLoadFailed:
+            self.retire(spare)
+            raise
+        except WorkerFailed:
+            spare.close()
+            return EngineWorker(self.backend, engine_path, identity)
+        return spare
+
+    def retire(self, worker: EngineWorker) -> None:
+        """A released model's process: kept as a spare (engine closed), else ended."""
+        if self.backend is not None and worker.failure() is None:
+            try:
+                worker.unload()
+                with self._lock:
+                    if len(self._spares) < self.MAX_SPARES:
+                        self._spares.append(worker)
+                        return
+            except WorkerFailed as err:
+                log.warning("serving process %d cannot be reused: %s", worker.pid, err)
+        worker.close()
+
+    def close(self) -> None:
+        with self._lock:
+            spares, self._spares = self._spares, []
+        for worker in spares:
+            worker.close()
 
 
 class EngineWorker:
@@ -64,6 +119,8 @@ class EngineWorker:
         self.pid: int = self.proc.pid
         self._lock = threading.Lock()
         self._closed = False
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
         try:
             ready = self._reply(ready_timeout_s)
         except WorkerFailed:
@@ -71,7 +128,7 @@ class EngineWorker:
             raise
         if "error" in ready:
             self.close()
-            raise WorkerFailed(f"the engine does not load: {ready['error']}")
+            raise EngineLoadFailed(f"the engine does not load: {ready['error']}")
         self.inputs = [TensorSpec.from_json(t) for t in ready["inputs"]]
         self.outputs = [TensorSpec.from_json(t) for t in ready["outputs"]]
 
@@ -96,6 +153,20 @@ class EngineWorker:
             raise WorkerFailed(self.failure() or "the serving process closed its channel") from None
         raise WorkerFailed(f"the serving process (pid {self.pid}) did not answer within {timeout:g} s")
 
+    def load(self, engine_path: Path, identity: Identity, timeout: float = 600.0) -> None:
+        """A spare process loads the next model (it must hold no clients)."""
+        reply = self.request({"cmd": "load", "engine_path": str(engine_path), "identity": identity}, timeout=timeout)
+        if "error" in reply:
+            raise EngineLoadFailed(f"the engine does not load: {reply['error']}")
+        self.identity = identity
+        self.inputs = [TensorSpec.from_json(t) for t in reply["inputs"]]
+        self.outputs = [TensorSpec.from_json(t) for t in reply["outputs"]]
+
+    def unload(self) -> None:
+        self.request({"cmd": "unload"}, timeout=30.0)
+        self.identity = Identity("", "", self.identity.backend)
+        self.inputs, self.outputs = [], []
+
     def stats(self) -> dict[str, Any]:
         return self.request({"cmd": "stats"})
 
@@ -113,7 +184,7 @@ class EngineWorker:
         if self.proc.is_alive():
             return None
         code = self.proc.exitcode
-        return "the serving process ended" + (f": {exit_reason(code)}" if code is not None else "")
+        return exit_reason(code, "the serving process") if code is not None else "the serving process ended"
 
     def serving_priority(self, rt_priority: int) -> None:
         """Raise the process before it takes the clients: SCHED_FIFO when allowed (the unit's
@@ -166,23 +237,25 @@ def _child(
 ) -> None:
     die_with_parent(PROCESS_NAME)  # also lowers our priority while we load
     logging.basicConfig(level=logging.INFO, format=f"{PROCESS_NAME}[%(process)d] %(levelname)s %(message)s")
-    engine = None
-    try:
-        if backend is not None and engine_path is not None:
-            engine = backend.load(Path(engine_path))
-            _warm_up(engine)
-    except Exception as err:
-        ctl.send({"error": f"{type(err).__name__}: {err}"})
-        return
-    gc.collect()
-    gc.freeze()  # what is loaded stays; a full collection never walks it while we serve
-    specs = (engine.inputs, engine.outputs) if engine is not None else ([], [])
-    ctl.send({"ready": True, "inputs": [t.to_json() for t in specs[0]], "outputs": [t.to_json() for t in specs[1]]})
-    try:
-        ServingLoop(engine, identity, ctl, inbox).run()
-    finally:
-        if engine is not None:
-            engine.close()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the daemon ends us (or our death signal does):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller is served until the daemon stops
+
+    def load(path: str) -> Engine:
+        assert backend is not None
+        engine = backend.load(Path(path))
+        _warm_up(engine)
+        return engine
+
+    loop = ServingLoop(None, identity, ctl, inbox, load if backend is not None else None)
+    if engine_path is not None:
+        reply = loop.load_model(engine_path, identity)
+        ctl.send(reply)
+        if "error" in reply:
+            return
+    else:
+        gc.freeze()
+        ctl.send(ready(None))
+    loop.run()
 
 
 def _warm_up(engine: Any) -> None:
@@ -194,4 +267,4 @@ def _warm_up(engine: Any) -> None:
         engine.run(feed)
 
 
-__all__ = ["SERVING_NICE", "EngineWorker", "Identity", "WorkerFailed"]
+__all__ = ["SERVING_NICE", "EngineLoadFailed", "EngineWorker", "Identity", "WorkerFailed", "WorkerPool"]

@@ -95,7 +95,7 @@ def test_a_crashed_serving_process_is_rolled_back_in_the_watch_and_restarted_aft
     crashed = status["serving_pid"]
     os.kill(crashed, signal.SIGKILL)  # a runtime that segfaults takes its own process down
     status = fleet.wait_active(cfg, "v1", timeout=10)
-    assert "the serving process ended: killed by signal 9" in status["last_rollback"]["reason"]
+    assert "the serving process was killed by signal 9" in status["last_rollback"]["reason"]
     assert status["serving_pid"] not in (crashed, None)
     with Policy(cfg.parent / "run" / "infer.sock") as policy:
         policy(np.zeros((1, 48), np.float32))
