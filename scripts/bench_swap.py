@@ -10,7 +10,7 @@
   4. served p50/p99 against a direct ONNX Runtime call (regression figure).
 Prints a table and writes bench-results/swap.json.
 
-    .venv/bin/python scripts/bench_swap.py [--swaps 100] [--idle-s 20]
+    .venv/bin/python scripts/bench_swap.py [--swaps 100] [--idle-s SECONDS]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ ENV = {**os.environ, **s3_env()}
 # The client stands for the Go2 controller, which its unit runs SCHED_FIFO 80 (systemd/go2-controller
 # .service); root can give it that here. Everything is measured the same way in every phase.
 CONTROLLER_FIFO = 80 if os.geteuid() == 0 else 0
+WARMUP_S = 1.0
 
 
 class World:
@@ -140,10 +141,12 @@ class Client:
                 str(self.out),
                 "--fifo",
                 str(CONTROLLER_FIFO),
+                "--warmup-s",
+                str(WARMUP_S),
             ],
             env=ENV,
         )
-        time.sleep(1.0)  # connected and warm
+        time.sleep(WARMUP_S)  # connected and warm: the client counts from here
 
     def result(self) -> dict[str, Any]:
         self.proc.send_signal(signal.SIGTERM)
@@ -153,9 +156,8 @@ class Client:
 
 
 def phase_idle_and_swaps(world: World, models: list[Path], swaps: int, idle_s: float) -> dict[str, Any]:
-    c = Client(world, "idle")
-    time.sleep(idle_s)
-    idle = c.result()
+    """The swaps first, then the same client as long without swaps (unless --idle-s says how long):
+    the largest gap of a longer phase is larger by chance alone, so both phases get the same time."""
     c = Client(world, "swaps")
     t0 = time.monotonic()
     for i in range(swaps):
@@ -163,11 +165,15 @@ def phase_idle_and_swaps(world: World, models: list[Path], swaps: int, idle_s: f
     swap_s = time.monotonic() - t0
     time.sleep(0.5)
     swapping = c.result()
+    c = Client(world, "idle")
+    time.sleep(idle_s or swap_s)
+    idle = c.result()
     return {
         "idle": idle,
         "swaps": swapping,
         "swap_count": swaps,
         "swap_phase_s": round(swap_s, 1),
+        "idle_phase_s": round(idle_s or swap_s, 1),
         "swaps_per_s": round(swaps / swap_s, 2),
     }
 
@@ -220,7 +226,7 @@ def phase_background(world: World, big: Path) -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--swaps", type=int, default=100)
-    p.add_argument("--idle-s", type=float, default=20.0)
+    p.add_argument("--idle-s", type=float, default=0.0, help="no-swap phase length (default: the swap phase's)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "swap.json")
     p.add_argument("--keep", type=Path, help="keep the agent's log and the clients' JSON in this folder")
     args = p.parse_args()
@@ -260,7 +266,7 @@ def print_table(r: dict[str, Any]) -> None:
     p99_ratio = bg["busy"]["p99_us"] / bg["idle"]["p99_us"] if bg["idle"]["p99_us"] else float("nan")
     rows = [
         (
-            "500 Hz client, no swaps",
+            f"500 Hz client, no swaps, {s['idle_phase_s']} s",
             f"{idle['ok']} calls",
             f"{idle['misses']} misses",
             f"{idle['failed']} failed",
@@ -268,7 +274,7 @@ def print_table(r: dict[str, Any]) -> None:
             f"p99 {idle['p99_us']} µs",
         ),
         (
-            f"500 Hz client, {s['swap_count']} swaps",
+            f"500 Hz client, {s['swap_count']} swaps, {s['swap_phase_s']} s",
             f"{sw['ok']} calls",
             f"{sw['misses']} misses",
             f"{sw['failed']} failed",
@@ -302,7 +308,7 @@ def print_table(r: dict[str, Any]) -> None:
     ]
     print()
     for row in rows:
-        print(f"{row[0]:<38} {row[1]:>12} {row[2]:>11} {row[3]:>10} {row[4]:>18} {row[5]:>14}")
+        print(f"{row[0]:<44} {row[1]:>12} {row[2]:>11} {row[3]:>10} {row[4]:>18} {row[5]:>14}")
     print(
         f"\nswaps: {s['swap_count']} in {s['swap_phase_s']} s; extra misses from swaps: "
         f"{sw['misses'] - idle['misses']}; max-gap ratio swaps/no swaps: {gap_ratio:.2f}"

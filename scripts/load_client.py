@@ -9,6 +9,7 @@ is a round trip over --deadline-ms. Used by the tests, the demo and the benchmar
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ def main() -> int:
     p.add_argument("--deadline-ms", type=float, default=2.0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nice", type=int, default=0, help="CPU priority, as a controller would run (needs root below 0)")
+    p.add_argument("--warmup-s", type=float, default=0.0, help="calls in the first seconds are not counted")
     p.add_argument("--fifo", type=int, default=0, help="SCHED_FIFO priority, as the Go2 controller's unit runs it")
     args = p.parse_args()
     if args.nice:
@@ -38,16 +40,19 @@ def main() -> int:
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
-    result = run(args.socket, args.hz, args.seconds, args.deadline_ms / 1000, stop)
+    result = run(args.socket, args.hz, args.seconds, args.deadline_ms / 1000, stop, args.warmup_s)
     tmp = args.out.with_suffix(".part")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.rename(args.out)
     return 0
 
 
-def run(socket_path: str, hz: float, seconds: float, deadline_s: float, stop: dict[str, bool]) -> dict[str, object]:
+def run(
+    socket_path: str, hz: float, seconds: float, deadline_s: float, stop: dict[str, bool], warmup_s: float = 0.0
+) -> dict[str, object]:
     policy = Policy(socket_path)
     spec = policy.info()["inputs"][0]
+    gc.freeze()  # like the agent: what exists now is never walked by a full collection in the loop
     shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
     obs = np.random.default_rng(0).standard_normal(shape).astype(spec["dtype"])
     period = 1.0 / hz
@@ -57,11 +62,15 @@ def run(socket_path: str, hz: float, seconds: float, deadline_s: float, stop: di
     failures: Counter[str] = Counter()
     versions: Counter[str] = Counter()
     start = next_t = time.perf_counter()
+    counted_from = start + warmup_s
     while not stop["now"] and time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         try:
             policy.infer({spec["name"]: obs})
             t1 = time.perf_counter()
+            if t0 < counted_from:
+                next_t = _pace(next_t, period)
+                continue
             rtts.append(t1 - t0)
             done_at.append(t1)
             if t1 - t0 > deadline_s and len(missed_at) < 200:
@@ -69,18 +78,23 @@ def run(socket_path: str, hz: float, seconds: float, deadline_s: float, stop: di
             versions[policy.model_version] += 1
         except (InferenceError, OSError) as err:
             failures[f"{type(err).__name__}: {err}"] += 1
-        next_t += period
-        delay = next_t - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        else:
-            next_t = time.perf_counter()  # fell behind: don't burst to catch up
-    result = summarize(rtts, done_at, failures, versions, time.perf_counter() - start, deadline_s)
+        next_t = _pace(next_t, period)
+    result = summarize(rtts, done_at, failures, versions, time.perf_counter() - counted_from, deadline_s)
     result["missed_at"] = [round(t, 4) for t in missed_at]
     if len(done_at) > 1:  # wall clock of the largest gap's end, to line up with the agent's log
         end = int(np.argmax(np.diff(done_at))) + 1
         result["max_gap_at"] = round(time.time() - (time.perf_counter() - done_at[end]), 4)
     return result
+
+
+def _pace(next_t: float, period: float) -> float:
+    """Sleep until the next period starts; returns its start."""
+    next_t += period
+    delay = next_t - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+        return next_t
+    return time.perf_counter()  # fell behind: don't burst to catch up
 
 
 def summarize(
