@@ -48,6 +48,13 @@ class S3Config:
     region: str = "us-east-1"
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
+    # Cap on the download rate in MB/s (0: none): leave a robot's Wi-Fi to teleoperation and
+    # telemetry, and spread the kernel's network work so it does not crowd the serving process.
+    max_download_mbps: float = 0.0
+
+    def check(self) -> None:
+        if self.max_download_mbps < 0:
+            raise ConfigError(f"s3.max_download_mbps: must be >= 0 (0: no cap), got {self.max_download_mbps}")
 
 
 @dataclass

@@ -99,7 +99,7 @@ def _child(
 
     try:
         client = s3_client(s3.endpoint_url, s3.region, s3.connect_timeout_s, s3.read_timeout_s)
-        fetch(client, ref, Path(dest), sha256, size, reserve_bytes, report)
+        fetch(client, ref, Path(dest), sha256, size, reserve_bytes, report, s3.max_download_mbps)
         conn.send(("done",))
     except FetchError as err:
         conn.send(("error", err.reason))

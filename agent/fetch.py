@@ -37,8 +37,10 @@ def fetch(
     size: int,
     reserve_bytes: int,
     progress: Progress,
+    max_mbps: float = 0.0,
 ) -> None:
-    """Download `ref` to `dest`, verified against `sha256` and `size`. Raises FetchError."""
+    """Download `ref` to `dest`, verified against `sha256` and `size`, at most `max_mbps` MB/s
+    (0: no cap). Raises FetchError."""
     if dest.exists() and sha256_file(dest).hexdigest() == sha256:
         return
     part, etag_file = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.etag")
@@ -53,7 +55,7 @@ def fetch(
     for attempt in range(1, ATTEMPTS + 1):
         try:
             hasher = sha256_file(part) if part.exists() else hashlib.sha256()  # what is already there
-            _stream(s3, ref, part, etag, size, hasher, progress)
+            _stream(s3, ref, part, etag, size, hasher, progress, max_mbps)
             break
         except (BotoCoreError, ClientError, OSError) as err:
             if _is_precondition_failed(err):
@@ -100,6 +102,7 @@ def _stream(
     size: int,
     hasher: hashlib._Hash,
     progress: Progress,
+    max_mbps: float,
 ) -> None:
     offset = part.stat().st_size if part.exists() else 0
     if offset >= size:
@@ -107,6 +110,7 @@ def _stream(
     resp = s3.get_object(Bucket=ref.bucket, Key=ref.key, Range=f"bytes={offset}-", IfMatch=etag)
     body = resp["Body"]
     done = offset
+    pace = _Pace(max_mbps)
     try:
         with part.open("ab") as f:
             for chunk in body.iter_chunks(CHUNK):
@@ -114,12 +118,30 @@ def _stream(
                 hasher.update(chunk)
                 done += len(chunk)
                 progress(done, size)
+                pace.took(len(chunk))
             f.flush()
             os.fsync(f.fileno())
     finally:
         body.close()
     if done < size:
         raise OSError(f"connection closed after {done} of {size} bytes")
+
+
+class _Pace:
+    """Sleeps so that the bytes taken so far arrive no faster than `mbps` MB/s (0: never sleeps)."""
+
+    def __init__(self, mbps: float) -> None:
+        self.rate = mbps * 1e6
+        self.start = time.monotonic()
+        self.taken = 0
+
+    def took(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        self.taken += n
+        ahead = self.taken / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            time.sleep(ahead)
 
 
 def _finish(part: Path, etag_file: Path, dest: Path, sha256: str, digest: str, size: int) -> None:

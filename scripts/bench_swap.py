@@ -189,7 +189,7 @@ def phase_restart(world: World) -> dict[str, Any]:
     return {"client": r, "restart_to_control_socket_s": round(ready_s, 3)}
 
 
-def phase_background(world: World, big: Path) -> dict[str, Any]:
+def phase_background(world: World, big: Path, version: str) -> dict[str, Any]:
     """The 200 MB model is uploaded first (on a real fleet S3 and the publisher are elsewhere); the
     busy phase is the agent's own work: download, hashing, ONNX check, engine build, gate, swap."""
     staged = subprocess.run(
@@ -202,7 +202,7 @@ def phase_background(world: World, big: Path) -> dict[str, Any]:
             "--channel",
             "bench-staging",
             "--version",
-            "big",
+            version,
         ],
         env=ENV,
         check=True,
@@ -217,10 +217,21 @@ def phase_background(world: World, big: Path) -> dict[str, Any]:
     c = Client(world, "bg-busy")
     t0 = time.monotonic()
     announce(fleet_cfg, s3_client(fleet_cfg.s3.endpoint_url, fleet_cfg.s3.region), "bench", manifest)
-    world.wait_active("big", timeout=300)
+    world.wait_active(version, timeout=300)
     busy_s = time.monotonic() - t0
     busy = c.result()
     return {"idle": idle, "busy": busy, "busy_s": round(busy_s, 1), "model_mib": round(big.stat().st_size / 2**20)}
+
+
+def phase_background_capped(world: World, big: Path, version: str, mbps: float) -> dict[str, Any]:
+    """The same at a link's rate: the agent restarted with `[s3] max_download_mbps`."""
+    text = world.cfg.read_text()
+    world.cfg.write_text(text.replace("[s3]\n", f"[s3]\nmax_download_mbps = {mbps}\n", 1))
+    world.stop_agent()
+    world.start_agent()
+    result = phase_background(world, big, version)
+    result["max_download_mbps"] = mbps
+    return result
 
 
 def main() -> int:
@@ -228,6 +239,7 @@ def main() -> int:
     p.add_argument("--swaps", type=int, default=100)
     p.add_argument("--idle-s", type=float, default=0.0, help="no-swap phase length (default: the swap phase's)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "swap.json")
+    p.add_argument("--link-mbps", type=float, default=40.0, help="download cap of the second background phase")
     p.add_argument("--keep", type=Path, help="keep the agent's log and the clients' JSON in this folder")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-swap-") as tmp:
@@ -238,13 +250,14 @@ def main() -> int:
         world = World(work)
         try:
             models = [mlp(work / f"m{i}.onnx", seed=i) for i in range(2)]
-            big = mlp(work / "big.onnx", seed=9, pad_bytes=200 * 2**20)
+            bigs = [mlp(work / f"big{i}.onnx", seed=9 + i, pad_bytes=200 * 2**20) for i in range(2)]
             world.start_agent()
             world.deploy(models[1], "s0")
             results = {
                 "swap": phase_idle_and_swaps(world, models, args.swaps, args.idle_s),
                 "restart": phase_restart(world),
-                "background": phase_background(world, big),
+                "background": phase_background(world, bigs[0], "big"),
+                "background_capped": phase_background_capped(world, bigs[1], "big-capped", args.link_mbps),
             }
             world.stop_agent()
             world.start_agent()
@@ -260,10 +273,9 @@ def main() -> int:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    s, rs, bg, sv = r["swap"], r["restart"]["client"], r["background"], r["served_vs_direct_us"]
+    s, rs, sv = r["swap"], r["restart"]["client"], r["served_vs_direct_us"]
     idle, sw = s["idle"], s["swaps"]
     gap_ratio = sw["max_gap_ms"] / idle["max_gap_ms"] if idle["max_gap_ms"] else float("nan")
-    p99_ratio = bg["busy"]["p99_us"] / bg["idle"]["p99_us"] if bg["idle"]["p99_us"] else float("nan")
     rows = [
         (
             f"500 Hz client, no swaps, {s['idle_phase_s']} s",
@@ -289,23 +301,20 @@ def print_table(r: dict[str, Any]) -> None:
             f"max gap {rs['max_gap_ms']} ms",
             f"p99 {rs['p99_us']} µs",
         ),
-        (
-            "served, idle",
-            f"{bg['idle']['ok']} calls",
-            f"{bg['idle']['misses']} misses",
-            "",
-            "",
-            f"p99 {bg['idle']['p99_us']} µs",
-        ),
-        (
-            f"served, {bg['model_mib']} MB download + build",
-            f"{bg['busy']['ok']} calls",
-            f"{bg['busy']['misses']} misses",
-            f"{bg['busy']['failed']} failed",
-            "",
-            f"p99 {bg['busy']['p99_us']} µs",
-        ),
     ]
+    for bg in (r["background"], r["background_capped"]):
+        link = f", {bg['max_download_mbps']:g} MB/s cap" if "max_download_mbps" in bg else ", no cap"
+        rows += [
+            ("served, idle", f"{bg['idle']['ok']} calls", f"{bg['idle']['misses']} misses", "", "", _p99(bg["idle"])),
+            (
+                f"served, {bg['model_mib']} MB download{link} + build",
+                f"{bg['busy']['ok']} calls",
+                f"{bg['busy']['misses']} misses",
+                f"{bg['busy']['failed']} failed",
+                "",
+                _p99(bg["busy"]),
+            ),
+        ]
     print()
     for row in rows:
         print(f"{row[0]:<44} {row[1]:>12} {row[2]:>11} {row[3]:>10} {row[4]:>18} {row[5]:>14}")
@@ -313,12 +322,19 @@ def print_table(r: dict[str, Any]) -> None:
         f"\nswaps: {s['swap_count']} in {s['swap_phase_s']} s; extra misses from swaps: "
         f"{sw['misses'] - idle['misses']}; max-gap ratio swaps/no swaps: {gap_ratio:.2f}"
     )
-    print(f"background load: p99 ratio busy/idle {p99_ratio:.2f} over {bg['busy_s']} s of download + build + gate")
+    for bg in (r["background"], r["background_capped"]):
+        ratio = bg["busy"]["p99_us"] / bg["idle"]["p99_us"] if bg["idle"]["p99_us"] else float("nan")
+        link = f"capped at {bg['max_download_mbps']:g} MB/s" if "max_download_mbps" in bg else "not capped"
+        print(f"background load ({link}): p99 ratio busy/idle {ratio:.2f} over {bg['busy_s']} s of work")
     print(
         f"served p50/p99 {sv['served']['p50']}/{sv['served']['p99']} µs vs direct ONNX Runtime "
         f"{sv['direct']['p50']}/{sv['direct']['p99']} µs (bare socket floor {sv['socket_floor']['p50']}/"
         f"{sv['socket_floor']['p99']} µs)"
     )
+
+
+def _p99(client: dict[str, Any]) -> str:
+    return f"p99 {client['p99_us']} µs"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from pathlib import Path
 
@@ -89,3 +90,22 @@ def test_disk_reserve(s3: MotoS3, bucket: str, tmp_path: Path) -> None:
             2**62,
             lambda *_: None,
         )
+
+
+def test_a_download_cap_paces_the_transfer(s3: MotoS3, bucket: str, tmp_path: Path) -> None:
+    data = DATA * 3
+    ref = put(s3, bucket, data)
+    t0 = time.monotonic()
+    fetch(
+        s3_client(s3.url, "us-east-1"),
+        ref,
+        tmp_path / "m.onnx",
+        hashlib.sha256(data).hexdigest(),
+        len(data),
+        0,
+        lambda _d, _t: None,
+        10.0,
+    )
+    took = time.monotonic() - t0
+    assert (tmp_path / "m.onnx").read_bytes() == data
+    assert took >= len(data) / 10e6, f"{len(data)} bytes at 10 MB/s took only {took:.2f} s"
