@@ -1,63 +1,106 @@
-"""The ONNX check (onnx.checker and the I/O signature) in a fresh child process.
+"""The ONNX check (onnx.checker and the I/O signature) in a child process.
 
-Parsing a large model holds the GIL for as long as protobuf takes (long enough to stall the serving
-thread for many control periods), and the onnx package would stay in the daemon's memory for good.
-The child returns only the signature, or the one-line reason the file is no valid model."""
+Protobuf parsing a crafted file may crash or exhaust memory, and the onnx package would stay in the
+daemon's memory for good: the child returns only the signature, or the one-line reason the file is
+no valid model. The child is kept between checks (starting a Python process per deploy is kernel
+work that a PREEMPT_NONE kernel does not preempt, next to the serving process); it is started again
+after it dies, overruns its time or has parsed a large file (to give that memory back)."""
 
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
-from agent.build import background, die_with_parent, exit_reason, start_in_background
+from agent.build import die_with_parent, exit_reason, start_in_background
 from agent.errors import RejectedModel
 from agent.protocol import TensorSpec
 
 _MP = multiprocessing.get_context("spawn")
-_LAUNCHER = ThreadPoolExecutor(1, thread_name_prefix="onnx-check", initializer=background)
 Signature = tuple[list[TensorSpec], list[TensorSpec]]
+RECYCLE_BYTES = 64 << 20  # after a file this large the child ends (its heap stays that large)
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+
+    def check(self, path: Path, timeout_s: float) -> Signature:
+        with self._lock:
+            try:
+                ok, payload = self._ask(path, timeout_s)
+            finally:
+                if self._proc is not None and (not self._proc.is_alive() or _size(path) > RECYCLE_BYTES):
+                    self._stop()
+        if not ok:
+            raise RejectedModel("onnx", str(payload))
+        inputs, outputs = payload
+        return inputs, outputs
+
+    def _ask(self, path: Path, timeout_s: float) -> tuple[bool, Any]:
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        assert self._conn is not None
+        try:
+            self._conn.send(str(path))
+            if not self._conn.poll(timeout_s):
+                self._stop()
+                raise RejectedModel("onnx", f"the ONNX check took longer than {timeout_s:g} s")
+            reply: tuple[bool, Any] = self._conn.recv()
+            return reply
+        except (EOFError, OSError):
+            self._proc.join(5)
+            why = exit_reason(self._proc.exitcode or 0, "the ONNX check process")
+            self._stop()
+            raise RejectedModel("onnx", f"the ONNX check failed: {why}") from None
+
+    def _start(self) -> None:
+        self._conn, child = _MP.Pipe(duplex=True)
+        self._proc = _MP.Process(target=_serve, args=(child,), name="onnx-check", daemon=True)
+        start_in_background(self._proc)  # SCHED_IDLE from its first instructions
+        child.close()
+
+    def _stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc, self._conn = None, None
+
+
+_CHECKER = _Checker()
 
 
 def inspect_onnx(path: Path, timeout_s: float = 600.0) -> Signature:
-    """RejectedModel('onnx', reason) when the file is not a valid model. The child is started
-    from a background-priority thread, so it runs at nice 10 from its first instruction (its
-    interpreter start-up included) whichever thread asks."""
-    return _LAUNCHER.submit(_inspect, path, timeout_s).result()
+    """RejectedModel('onnx', reason) when the file is not a valid model."""
+    return _CHECKER.check(path, timeout_s)
 
 
-def _inspect(path: Path, timeout_s: float) -> Signature:
-    recv, send = _MP.Pipe(duplex=False)
-    proc = _MP.Process(target=_child, args=(str(path), send), name="onnx-check", daemon=True)
-    start_in_background(proc)
-    send.close()
+def _size(path: Path) -> int:
     try:
-        if not recv.poll(timeout_s):
-            raise RejectedModel("onnx", f"the ONNX check took longer than {timeout_s:g} s")
-        ok, payload = recv.recv()
-    except EOFError:
-        proc.join(5)
-        raise RejectedModel(
-            "onnx", f"the ONNX check failed: {exit_reason(proc.exitcode or 0, 'the ONNX check process')}"
-        ) from None
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
-        recv.close()
-    if not ok:
-        raise RejectedModel("onnx", str(payload))
-    inputs, outputs = payload
-    return inputs, outputs
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
-def _child(path: str, conn: Connection) -> None:
+def _serve(conn: Connection) -> None:
     from agent.onnxinfo import check_onnx, signature
 
     die_with_parent("edge-onnx-check")
-    try:
-        conn.send((True, signature(check_onnx(Path(path)))))
-    except RejectedModel as err:
-        conn.send((False, err.reason))
-    conn.close()
+    while True:
+        try:
+            path = conn.recv()
+        except (EOFError, OSError):  # the daemon closed its end
+            return
+        try:
+            conn.send((True, signature(check_onnx(Path(path)))))
+        except RejectedModel as err:
+            conn.send((False, err.reason))
+        except Exception as err:  # a check that breaks is a rejection with its reason, not a lost child
+            conn.send((False, f"{type(err).__name__}: {err}"))

@@ -149,7 +149,7 @@ class Pipeline:
         if cand.source == "local":  # checked by the deploy that made this content-addressed file
             self.report(cand.record_id, ModelState.VERIFIED, "checked when deployed (ONNX checker passed)", {})
             return
-        inputs, outputs = inspect_onnx(model_path)  # in a child: protobuf holds the GIL
+        inputs, outputs = inspect_onnx(model_path)  # in a child: a crafted file may crash protobuf
         m = cand.manifest
         for what, got, want in (("inputs", inputs, m.inputs), ("outputs", outputs, m.outputs)):
             diff = signature_diff(want, got, f"{what} of the ONNX file and the manifest")
