@@ -131,6 +131,7 @@ class EngineWorker:
             raise EngineLoadFailed(f"the engine does not load: {ready['error']}")
         self.inputs = [TensorSpec.from_json(t) for t in ready["inputs"]]
         self.outputs = [TensorSpec.from_json(t) for t in ready["outputs"]]
+        log.info("serving process %d started (%s)", self.pid, identity.version or "no model")
 
     # -- requests --------------------------------------------------------------------------------
     def request(self, msg: dict[str, Any], fd: int | None = None, timeout: float = 5.0) -> dict[str, Any]:
@@ -161,6 +162,7 @@ class EngineWorker:
         self.identity = identity
         self.inputs = [TensorSpec.from_json(t) for t in reply["inputs"]]
         self.outputs = [TensorSpec.from_json(t) for t in reply["outputs"]]
+        log.debug("serving process %d loaded %s", self.pid, identity.version)
 
     def unload(self) -> None:
         self.request({"cmd": "unload"}, timeout=30.0)
