@@ -94,7 +94,12 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         models = [mlp(work / f"m{i}.onnx", seed=i) for i in range(args.publishes + 1)]
         publish_times = [publish_to_active(fleet_cfg, m, f"v{i}", events) for i, m in enumerate(models)]
         served, direct, floor = round_trips(work / "run" / "infer.sock", models[-1], args.calls, args.rounds)
-        memory = {"daemon_rss_mib": rss_mib(daemon.pid), "ort_only_rss_mib": ort_only_rss(models[-1])}
+        memory = {
+            "daemon_rss_mib": rss_mib(daemon.pid),
+            "serving_rss_mib": [rss_mib(pid) for pid in serving_pids(daemon.pid)],
+            "agent_pss_mib": round(sum(pss_mib(pid) for pid in [daemon.pid, *serving_pids(daemon.pid)]), 1),
+            "ort_only_rss_mib": ort_only_rss(models[-1]),
+        }
     finally:
         stop(daemon)
         s3.stop()
@@ -227,6 +232,20 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def serving_pids(daemon: int) -> list[int]:
+    """The daemon's serving processes (agent.worker): the one in service and a spare."""
+    kids = Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split()
+    return [int(k) for k in kids if Path(f"/proc/{k}/comm").read_text().strip() == "edge-serve"]
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size: shared pages (the runtime's libraries) counted once across processes."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no Pss")
+
+
 def ort_only_rss(model: Path) -> float:
     code = (
         "import onnxruntime as ort, numpy as np, pathlib\n"
@@ -259,8 +278,9 @@ def print_table(r: dict[str, Any]) -> None:
         "(negative: active before the publishing process had exited)"
     )
     print(
-        f"resident memory: daemon {m['daemon_rss_mib']} MiB with the model loaded; "
-        f"a process that only loads it in ONNX Runtime {m['ort_only_rss_mib']} MiB"
+        f"resident memory: daemon {m['daemon_rss_mib']} MiB, serving processes {m['serving_rss_mib']} MiB "
+        f"(PSS of all of them together {m['agent_pss_mib']} MiB); a process that only loads the model in "
+        f"ONNX Runtime {m['ort_only_rss_mib']} MiB"
     )
 
 
