@@ -164,6 +164,10 @@ class AgentConfig:
     # SCHED_FIFO priority of the serving process, below the Go2 controller's 80: the controller
     # waits on it every period. 0: normal scheduling at nice -5.
     serving_rt_priority: int = 70
+    # CPUs reserved for the serving process (e.g. [5] on an Orin Nano, the Go2 controller unit's
+    # CPUAffinity= on the same): the daemon, downloads, checks, builds and a standby model run on the
+    # others, so their kernel work never holds the serving CPU. Empty: no pinning.
+    serving_cpus: list[int] = field(default_factory=list)
     outbox_max_events: int = 10000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -183,6 +187,12 @@ class AgentConfig:
         if self.disk_reserve_mb < 0:
             raise ConfigError("disk_reserve_mb: must be >= 0")
         positive("outbox_max_events", self.outbox_max_events)
+        usable = os.sched_getaffinity(0)
+        if self.serving_cpus and (not set(self.serving_cpus) <= usable or set(self.serving_cpus) == usable):
+            raise ConfigError(
+                f"serving_cpus: must be some of this machine's CPUs {sorted(usable)}, leaving at least one for "
+                f"the rest, got {self.serving_cpus}"
+            )
         if not 0 <= self.serving_rt_priority <= 99:
             raise ConfigError(f"serving_rt_priority: must be 0 (no real-time) to 99, got {self.serving_rt_priority}")
         if not self.device_id:

@@ -4,11 +4,9 @@ caller of `run`) owns all state: paho, the control socket and the pipeline worke
 from __future__ import annotations
 
 import fcntl
-import gc
 import logging
 import os
 import queue
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +32,11 @@ from agent.status import StatusBuilder
 from agent.store import ModelRecord, Store
 from agent.telemetry import LatencyRecorder
 from agent.validate import BehaviouralCheck, GateContext, GateRejected
+from agent.worker import pin_process
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
-SWITCH_INTERVAL_S = 0.0002
 OUTBOX_BATCH = 50
 
 
@@ -52,7 +50,9 @@ class Daemon:
         self.store = Store(cfg.state_dir)
         self.backend = backend or select_backend(cfg.backend, cfg.build.workspace_mb, cfg.build.fp16)
         self.recorder = LatencyRecorder()
-        self.server = InferenceServer(cfg.socket, self.recorder, self.backend, cfg.serving_rt_priority)
+        self.server = InferenceServer(
+            cfg.socket, self.recorder, self.backend, cfg.serving_rt_priority, cfg.serving_cpus
+        )
         self.link = Link(
             cfg.mqtt, cfg.device_id, self.topics.status(cfg.device_id), encode(self._offline_status()), self.events
         )
@@ -102,13 +102,11 @@ class Daemon:
 
     # -- life ------------------------------------------------------------------------------------
     def run(self) -> int:
-        # A thread that wants the GIL waits up to the switch interval (5 ms by default) while another
-        # runs Python code: keep the serving thread's worst case well under a 2 ms control period.
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        if self.server.background_cpus:
+            pin_process(self.server.background_cpus)  # before any child starts: they inherit it
         self.service.install_signal_handlers()
         protect_daemon()
         self._restore_active()
-        _quiet_gc()
         self.server.start()
         self.control.start()
         self.link.start()
@@ -548,14 +546,6 @@ _RESUMABLE = (
     ModelState.VALIDATING,
     ModelState.STAGED,
 )
-
-
-def _quiet_gc() -> None:
-    """A full collection stops every thread (the serving one too) for as long as it walks the heap:
-    about 20 ms measured here during swaps. Freezing what start-up built takes it out of every later
-    collection, and rarer collections of the young generations keep each one short (< 1 ms here)."""
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 1000)
 
 
 def _lock(path: Path) -> int:

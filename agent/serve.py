@@ -63,11 +63,21 @@ class SwapStats:
 
 
 class InferenceServer:
-    def __init__(self, path: Path, recorder: LatencyRecorder, backend: Backend, rt_priority: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        recorder: LatencyRecorder,
+        backend: Backend,
+        rt_priority: int = 0,
+        serving_cpus: list[int] | None = None,
+    ) -> None:
         self.path = path
         self.recorder = recorder
         self.backend = backend
         self.rt_priority = rt_priority
+        self.serving_cpus = set(serving_cpus or ())
+        # Everything else (this daemon, its children, a standby model) stays off the serving CPUs.
+        self.background_cpus = os.sched_getaffinity(0) - self.serving_cpus if self.serving_cpus else None
         self.pool = WorkerPool(backend)
         self.requests = 0
         self.errors = 0
@@ -110,7 +120,7 @@ class InferenceServer:
         listener.listen(64)
         self._listener = listener
         holder = self._model.worker if self._model else self.pool.start(None, Identity("", "", self.backend.name))
-        holder.serving_priority(self.rt_priority)
+        holder.serving_priority(self.rt_priority, self.serving_cpus)
         holder.give(listener)
         self._holder = holder
 
@@ -120,13 +130,13 @@ class InferenceServer:
         must `release` it later; otherwise its process ends here."""
         new, holder = model.worker, self._holder
         assert holder is not None and self._listener is not None, "start() first"
-        new.serving_priority(self.rt_priority)
+        new.serving_priority(self.rt_priority, self.serving_cpus)
         try:
             self._count(holder.hand_over_to(new))
         except WorkerFailed as err:  # its clients were cut off; they reconnect to the new one
             log.warning("the serving process %d could not hand over (%s): starting afresh", holder.pid, err)
             new.give(self._listener)
-        holder.standby_priority()
+        holder.standby_priority(self.background_cpus)
         old = self._model
         self._model, self._holder = model, new
         self.stats, self.failure = SwapStats(model.version), None

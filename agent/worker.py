@@ -188,10 +188,12 @@ class EngineWorker:
         code = self.proc.exitcode
         return exit_reason(code, "the serving process") if code is not None else "the serving process ended"
 
-    def serving_priority(self, rt_priority: int) -> None:
+    def serving_priority(self, rt_priority: int, cpus: set[int] | None = None) -> None:
         """Raise the process before it takes the clients: SCHED_FIFO when allowed (the unit's
-        LimitRTPRIO), else nice -5. Its single serving thread is its main thread (tid = pid); threads
-        the runtime started while loading keep background priority."""
+        LimitRTPRIO), else nice -5, on the reserved CPUs if any. Its single serving thread is its
+        main thread (tid = pid); threads the runtime started while loading stay in the background."""
+        if cpus:
+            pin(self.pid, cpus)
         if rt_priority:
             try:
                 os.sched_setscheduler(self.pid, os.SCHED_FIFO, os.sched_param(rt_priority))
@@ -206,9 +208,11 @@ class EngineWorker:
                 )
         _setpriority(self.pid, SERVING_NICE)
 
-    def standby_priority(self) -> None:
-        """Back to background priority once it has handed its clients over (kept for a rollback)."""
+    def standby_priority(self, cpus: set[int] | None = None) -> None:
+        """Back to background priority (and CPUs) once it has handed its clients over."""
         idle(self.pid)
+        if cpus:
+            pin(self.pid, cpus)
 
     def close(self) -> None:
         if self._closed:
@@ -225,6 +229,19 @@ class EngineWorker:
             self.proc.join(5)
         self.ctl.close()
         self._feed.close()
+
+
+def pin(tid: int, cpus: set[int]) -> None:
+    try:
+        os.sched_setaffinity(tid, cpus)
+    except OSError as err:
+        log.warning("cannot pin %d to CPUs %s: %s", tid, sorted(cpus), err)
+
+
+def pin_process(cpus: set[int]) -> None:
+    """Every thread of this process (new threads and children inherit it from their creator)."""
+    for tid in os.listdir("/proc/self/task"):
+        pin(int(tid), cpus)
 
 
 def _setpriority(pid: int, nice: int) -> None:

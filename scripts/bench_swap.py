@@ -54,11 +54,19 @@ WARMUP_S = 1.0
 
 
 class World:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, serving_cpu: int | None = None) -> None:
         self.work = work
+        self.serving_cpu = serving_cpu
         self.broker, self.s3 = Mosquitto(work / "mq"), MotoS3(work)
         self.broker.start()
         self.s3.start()
+        if serving_cpu is not None:
+            # On a fleet the broker and S3 are other machines: here they keep off the CPU that the
+            # serving process and the controller own.
+            rest = os.sched_getaffinity(0) - {serving_cpu}
+            for proc in (self.broker.proc, self.s3.proc):
+                assert proc is not None
+                os.sched_setaffinity(proc.pid, rest)
         os.environ.update(s3_env())
         self.s3.client().create_bucket(Bucket="models")
         self.cfg = write_agent_config(
@@ -71,7 +79,8 @@ class World:
             device_id="bench-01",
             prefix="bench",
             interval_s=10.0,
-            extra="[watch]\nwindow_s = 0.2\nkeep_models = 3\n",
+            extra=("" if serving_cpu is None else f"serving_cpus = [{serving_cpu}]\n")
+            + "[watch]\nwindow_s = 0.2\nkeep_models = 3\n",
         )
         self.fleet_cfg = write_fleet_config(
             work / "fleet.toml",
@@ -143,6 +152,7 @@ class Client:
                 str(CONTROLLER_FIFO),
                 "--warmup-s",
                 str(WARMUP_S),
+                *([] if world.serving_cpu is None else ["--cpu", str(world.serving_cpu)]),
             ],
             env=ENV,
         )
@@ -239,6 +249,12 @@ def main() -> int:
     p.add_argument("--swaps", type=int, default=100)
     p.add_argument("--idle-s", type=float, default=0.0, help="no-swap phase length (default: the swap phase's)")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "swap.json")
+    p.add_argument(
+        "--serving-cpu",
+        type=int,
+        default=max(os.sched_getaffinity(0)) if len(os.sched_getaffinity(0)) > 1 else -1,
+        help="the CPU for the serving process and the client (`serving_cpus`; default the last one; -1: none)",
+    )
     p.add_argument("--link-mbps", type=float, default=40.0, help="download cap of the second background phase")
     p.add_argument("--keep", type=Path, help="keep the agent's log and the clients' JSON in this folder")
     args = p.parse_args()
@@ -247,7 +263,7 @@ def main() -> int:
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
             work = args.keep
-        world = World(work)
+        world = World(work, None if args.serving_cpu < 0 else args.serving_cpu)
         try:
             models = [mlp(work / f"m{i}.onnx", seed=i) for i in range(2)]
             bigs = [mlp(work / f"big{i}.onnx", seed=9 + i, pad_bytes=200 * 2**20) for i in range(2)]
@@ -263,6 +279,11 @@ def main() -> int:
             world.start_agent()
             served, direct, floor = round_trips(world.sock, models[0], 3000, 3)
             results["served_vs_direct_us"] = {"served": served, "direct": direct, "socket_floor": floor}
+            results["setup"] = {
+                "cpus": sorted(os.sched_getaffinity(0)),
+                "serving_cpu": None if args.serving_cpu < 0 else args.serving_cpu,
+                "client_sched_fifo": CONTROLLER_FIFO,
+            }
         finally:
             world.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -315,7 +336,9 @@ def print_table(r: dict[str, Any]) -> None:
                 _p99(bg["busy"]),
             ),
         ]
-    print()
+    setup = r["setup"]
+    where = f"CPU {setup['serving_cpu']}" if setup["serving_cpu"] is not None else "any CPU"
+    print(f"\nclient SCHED_FIFO {setup['client_sched_fifo']}, client and serving process on {where}")
     for row in rows:
         print(f"{row[0]:<44} {row[1]:>12} {row[2]:>11} {row[3]:>10} {row[4]:>18} {row[5]:>14}")
     print(

@@ -31,12 +31,15 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nice", type=int, default=0, help="CPU priority, as a controller would run (needs root below 0)")
     p.add_argument("--warmup-s", type=float, default=0.0, help="calls in the first seconds are not counted")
+    p.add_argument("--cpu", type=int, help="run on this CPU only (as the controller unit's CPUAffinity=)")
     p.add_argument("--fifo", type=int, default=0, help="SCHED_FIFO priority, as the Go2 controller's unit runs it")
     args = p.parse_args()
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     if args.fifo:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.fifo))
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))

@@ -37,6 +37,9 @@ def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
         ('state_dir = "/s"\nsocket = "/r.sock"\n', "channel"),
         (MINIMAL.replace('"walk"', '"a/b"'), "channel"),
         ("channel = [", "not valid TOML"),
+        (MINIMAL + "serving_cpus = [4096]\n", "serving_cpus"),
+        (MINIMAL + "serving_rt_priority = 100\n", "serving_rt_priority"),
+        (MINIMAL + "[s3]\nmax_download_mbps = -1\n", "s3.max_download_mbps"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -97,3 +97,15 @@ def test_an_engine_that_does_not_load_fails_with_the_reason(tmp_path: Path) -> N
     bad.write_bytes(b"not an engine")
     with pytest.raises(WorkerFailed, match="the engine does not load"):
         EngineWorker(OnnxRuntimeBackend(), bad, Identity("x", "sha-x", "onnxruntime"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+def test_the_serving_process_moves_to_the_reserved_cpu_and_back(
+    workers: tuple[EngineWorker, EngineWorker, socket.socket],
+) -> None:
+    a, _, _ = workers
+    serving, rest = min(os.sched_getaffinity(0)), os.sched_getaffinity(0) - {min(os.sched_getaffinity(0))}
+    a.serving_priority(0, {serving})
+    assert os.sched_getaffinity(a.pid) == {serving}
+    a.standby_priority(rest)
+    assert os.sched_getaffinity(a.pid) == rest and os.sched_getscheduler(a.pid) == os.SCHED_IDLE
