@@ -20,7 +20,7 @@ from typing import Any
 from agent.engines import Backend
 from agent.protocol import TensorSpec
 from agent.telemetry import LatencyRecorder
-from agent.worker import EngineWorker, Identity, WorkerFailed, WorkerPool
+from agent.worker import EngineWorker, HandOverRefused, Identity, WorkerFailed, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +127,16 @@ class InferenceServer:
     def swap(self, model: ServedModel, keep_previous: bool = False) -> ServedModel | None:
         """The clients move to `model`'s process; returns once it holds them. With `keep_previous`
         the replaced model is handed back still loaded (for an instant rollback) and the caller
-        must `release` it later; otherwise its process ends here."""
+        must `release` it later; otherwise it is released here (its process becomes the spare).
+        HandOverRefused when `model`'s process is gone: nothing changed, the old one still serves."""
         new, holder = model.worker, self._holder
         assert holder is not None and self._listener is not None, "start() first"
         new.serving_priority(self.rt_priority, self.serving_cpus)
         try:
             self._count(holder.hand_over_to(new))
+        except HandOverRefused:
+            new.standby_priority(self.background_cpus)
+            raise
         except WorkerFailed as err:  # its clients were cut off; they reconnect to the new one
             log.warning("the serving process %d could not hand over (%s): starting afresh", holder.pid, err)
             new.give(self._listener)

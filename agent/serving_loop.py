@@ -156,10 +156,11 @@ class ServingLoop:
         elif cmd == "handover":
             target = socket.socket(fileno=reduction.recv_handle(self.ctl))
             try:
-                moved = self._hand_over(target)
+                self.ctl.send({"moved": self._hand_over(target), **self.counts.take(0)})
+            except OSError as err:
+                self.ctl.send({"error": f"the next serving process did not take the clients: {err}"})
             finally:
                 target.close()
-            self.ctl.send({"moved": moved, **self.counts.take(0)})
         elif cmd == "load":
             self.ctl.send(self.load_model(msg["engine_path"], msg["identity"]))
         elif cmd == "unload":
@@ -200,14 +201,13 @@ class ServingLoop:
         if self._listener is not None:
             items.append((self._listener, None))
         items += [(c.sock, {"inbuf": c.inbuf.hex(), "outbuf": c.outbuf.hex()}) for c in self._conns.values()]
-        for sock, _ in items:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(sock)
-        for start in range(0, len(items), MAX_FDS):
-            chunk = items[start : start + MAX_FDS]
+        for start in range(0, len(items), MAX_FDS):  # an OSError here (the successor is gone) leaves
+            chunk = items[start : start + MAX_FDS]  # everything as it was: this process keeps serving
             header = {"listener": chunk[0][1] is None, "conns": [bufs for _, bufs in chunk if bufs is not None]}
             socket.send_fds(target, [json.dumps(header).encode()], [sock.fileno() for sock, _ in chunk])
         for sock, _ in items:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)
             sock.close()
         moved = len(self._conns)
         self._conns.clear()

@@ -48,6 +48,10 @@ class EngineLoadFailed(WorkerFailed):
     """The process is fine; the engine is not."""
 
 
+class HandOverRefused(AgentError):
+    """The serving process kept its clients: the one meant to take them is gone."""
+
+
 class WorkerPool:
     """The serving processes. Each model loads in one; the process of a model that is released
     stays as a spare (engine closed, runtime imported, a CUDA context kept) and loads the next one,
@@ -173,8 +177,12 @@ class EngineWorker:
         return self.request({"cmd": "stats"})
 
     def hand_over_to(self, successor: EngineWorker) -> dict[str, Any]:
-        """This process sends its listener and clients to `successor`; returns its last counts."""
-        return self.request({"cmd": "handover"}, successor._feed.fileno())
+        """This process sends its listener and clients to `successor`; returns its last counts.
+        HandOverRefused (this process keeps serving) when the successor cannot take them."""
+        reply = self.request({"cmd": "handover"}, successor._feed.fileno())
+        if "error" in reply:
+            raise HandOverRefused(reply["error"])
+        return reply
 
     def give(self, listener: socket.socket) -> None:
         """The first holder (or the one after a crash) gets the listener from the daemon."""
@@ -286,4 +294,12 @@ def _warm_up(engine: Any) -> None:
         engine.run(feed)
 
 
-__all__ = ["SERVING_NICE", "EngineLoadFailed", "EngineWorker", "Identity", "WorkerFailed", "WorkerPool"]
+__all__ = [
+    "SERVING_NICE",
+    "EngineLoadFailed",
+    "EngineWorker",
+    "HandOverRefused",
+    "Identity",
+    "WorkerFailed",
+    "WorkerPool",
+]

@@ -16,7 +16,7 @@ import pytest
 from agent import wire
 from agent.client import Policy
 from agent.engines.onnxruntime import OnnxRuntimeBackend
-from agent.worker import EngineWorker, Identity, WorkerFailed
+from agent.worker import EngineWorker, HandOverRefused, Identity, WorkerFailed
 from tests.models import mlp
 
 
@@ -109,3 +109,18 @@ def test_the_serving_process_moves_to_the_reserved_cpu_and_back(
     assert os.sched_getaffinity(a.pid) == {serving}
     a.standby_priority(rest)
     assert os.sched_getaffinity(a.pid) == rest and os.sched_getscheduler(a.pid) == os.SCHED_IDLE
+
+
+def test_a_hand_over_to_a_dead_process_keeps_the_clients_where_they_are(
+    workers: tuple[EngineWorker, EngineWorker, socket.socket], tmp_path: Path
+) -> None:
+    a, b, _ = workers
+    with Policy(tmp_path / "infer.sock") as policy:
+        x = np.zeros((1, 48), np.float32)
+        policy(x)
+        os.kill(b.pid, signal.SIGKILL)
+        b.proc.join(5)
+        with pytest.raises(HandOverRefused, match="did not take the clients"):
+            a.hand_over_to(b)
+        policy(x)  # the same connection, still answered by a
+        assert policy.model_version == "a" and a.stats()["clients"] == 1
