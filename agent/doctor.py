@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import resource
 import shutil
 import socket
 import subprocess
@@ -66,7 +67,7 @@ def format_text(checks: list[Check]) -> str:
 
 
 def _probes() -> list[Callable[[AgentConfig], list[Check]]]:
-    return [_python, _tensorrt, _cuda, _backend, _power, _memory, _disk, _state_dir, _broker, _s3]
+    return [_python, _tensorrt, _cuda, _backend, _power, _memory, _disk, _scheduling, _state_dir, _broker, _s3]
 
 
 def is_jetson() -> bool:
@@ -190,6 +191,26 @@ def _memory(cfg: AgentConfig) -> list[Check]:
             "stop other memory users, add swap (zram), or lower build.workspace_mb",
         )
     ]
+
+
+def _scheduling(cfg: AgentConfig) -> list[Check]:
+    """Whether this user may run the serving process SCHED_FIFO as configured (the unit's
+    LimitRTPRIO, or root); otherwise it serves at nice -5 and a busy CPU can delay it by a tick."""
+    where = f" on CPUs {cfg.serving_cpus}" if cfg.serving_cpus else ""
+    if not cfg.serving_rt_priority:
+        return [Check("scheduling", OK, f"serving process at nice -5{where} (serving_rt_priority = 0)")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_RTPRIO)
+    allowed = os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= cfg.serving_rt_priority
+    if not allowed:
+        return [
+            Check(
+                "scheduling",
+                WARN,
+                f"SCHED_FIFO {cfg.serving_rt_priority} not allowed here (RLIMIT_RTPRIO {soft}): serving at nice -5",
+                "run as the systemd unit (LimitRTPRIO=70), or lower serving_rt_priority",
+            )
+        ]
+    return [Check("scheduling", OK, f"serving process SCHED_FIFO {cfg.serving_rt_priority}{where}")]
 
 
 def _disk(cfg: AgentConfig) -> list[Check]:

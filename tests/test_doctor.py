@@ -113,3 +113,16 @@ def test_invalid_config(tmp_path: Path) -> None:
     code, checks = doctor(cfg)
     assert code == 1 and list(checks) == ["config"]
     assert "unknown key 'build.time_limit'" in checks["config"]["detail"]
+
+
+def test_scheduling_says_when_sched_fifo_is_not_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import config as agent_config
+    from agent import doctor as doc
+
+    cfg = agent_config.load(config(tmp_path, "mqtt://127.0.0.1:1", "http://127.0.0.1:1"))
+    monkeypatch.setattr(doc.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(doc.resource, "getrlimit", lambda _r: (0, 0))
+    (check,) = doc._scheduling(cfg)
+    assert check.status == doc.WARN and "SCHED_FIFO 70 not allowed" in check.detail and "LimitRTPRIO" in check.remedy
+    monkeypatch.setattr(doc.resource, "getrlimit", lambda _r: (70, 70))
+    assert doc._scheduling(cfg)[0].status == doc.OK
