@@ -1,6 +1,7 @@
 """Latency histograms (HdrHistogram: percentiles, not a running average that hides the tail).
 
-The serving thread records; the coordinator reads. One lock, held for a record or a snapshot."""
+The daemon records what the serving process reports; readers take snapshots. One lock, held for a
+record or a snapshot."""
 
 from __future__ import annotations
 

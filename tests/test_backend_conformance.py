@@ -99,7 +99,7 @@ def test_dynamic_batch_dimension(backend: Backend, tmp_path: Path) -> None:
 
 
 def test_runs_and_closes_on_another_thread(backend: Backend, tmp_path: Path) -> None:
-    """The pipeline thread loads and gates; the serving thread runs and closes."""
+    """An engine loaded on one thread runs and closes on another (the CUDA context follows)."""
     onnx_path = mlp(tmp_path / "m.onnx")
     engine: Engine = backend.load(build(backend, onnx_path, tmp_path))
     feed = {"obs": np.ones((1, 48), np.float32)}

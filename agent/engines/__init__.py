@@ -28,7 +28,7 @@ def no_progress(_stage: str, _fraction: float | None) -> None:
 
 
 class Engine(Protocol):
-    """A loaded, runnable model. `run` is called from the serving thread only."""
+    """A loaded, runnable model. `run` is called from one thread at a time (the gate's, or a serving process's)."""
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
