@@ -159,6 +159,10 @@ def format_status(s: dict[str, Any]) -> str:
         f"  latency   p50 {lat['p50_us']} µs, p99 {lat['p99_us']} µs over {lat['count']} calls in the last minute"
     )
     lines.append(f"  clients   {s['clients']} connected; {s['requests']} requests served, {s['request_errors']} errors")
+    if s.get("serving"):
+        v = s["serving"]
+        cpus = ",".join(str(c) for c in v["cpus"])
+        lines.append(f"  serving   process {v['pid']}, {v['scheduling']}, CPUs {cpus}")
     if s["outbox"]:
         lines.append(f"  outbox    {s['outbox']} events waiting for the broker")
     return "\n".join(lines)

@@ -98,6 +98,22 @@ class InferenceServer:
         """The process that answers the clients now."""
         return self._holder.pid if self._holder else None
 
+    def serving_info(self) -> dict[str, Any] | None:
+        """What the kernel says of the process in service: its scheduling and CPUs."""
+        pid = self.serving_pid
+        if pid is None:
+            return None
+        try:
+            policy = os.sched_getscheduler(pid)
+            if policy == os.SCHED_FIFO:
+                sched = f"SCHED_FIFO {os.sched_getparam(pid).sched_priority}"
+            else:
+                sched = f"nice {os.getpriority(os.PRIO_PROCESS, pid)}"
+            cpus = sorted(os.sched_getaffinity(pid))
+        except OSError:
+            return {"pid": pid, "scheduling": "gone", "cpus": []}
+        return {"pid": pid, "scheduling": sched, "cpus": cpus}
+
     def load(self, engine_path: Path, version: str, sha256: str, deploy_config: dict[str, Any] | None) -> ServedModel:
         """Load an engine in a serving process (a spare one when there is one), off the serving
         path; raises WorkerFailed (EngineLoadFailed: the engine's fault) with the reason."""

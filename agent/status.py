@@ -81,6 +81,7 @@ class StatusBuilder:
             "latency_last_minute": {"count": minute.count, "p50_us": minute.p50_us, "p99_us": minute.p99_us},
             "clients": d.server.clients,
             "serving_pid": d.server.serving_pid,
+            "serving": d.server.serving_info(),
             "requests": d.server.requests,
             "request_errors": d.server.errors,
             "ignored_payloads": d.ignored_payloads,

@@ -93,6 +93,9 @@ def test_a_crashed_serving_process_is_rolled_back_in_the_watch_and_restarted_aft
     fleet.publish(mlp(tmp_path / "v2.onnx", seed=2), "v2")
     status = fleet.wait_active(cfg, "v2")
     crashed = status["serving_pid"]
+    serving = status["serving"]
+    assert serving["pid"] == crashed and serving["cpus"] and serving["scheduling"].startswith(("SCHED_FIFO", "nice"))
+    assert f"serving   process {crashed}, {serving['scheduling']}" in fleet.agent(cfg, "status").stdout
     os.kill(crashed, signal.SIGKILL)  # a runtime that segfaults takes its own process down
     status = fleet.wait_active(cfg, "v1", timeout=10)
     assert "the serving process was killed by signal 9" in status["last_rollback"]["reason"]
