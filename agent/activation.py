@@ -20,6 +20,7 @@ from agent.lifecycle import ModelState
 from agent.pipeline import Pipeline
 from agent.serve import InferenceServer, ServedModel, SwapStats
 from agent.store import ModelRecord, Store
+from agent.worker import HandOverRefused, WorkerFailed
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,13 @@ class Activation:
         if self.idle_policy is not None:
             self._park(rec, served)
             return
-        self.activate(rec, served, "passed the gate; swapped in")
+        self._activate_or_reject(rec, served, "passed the gate; swapped in")
+
+    def _activate_or_reject(self, rec: ModelRecord, served: ServedModel, reason: str) -> None:
+        try:
+            self.activate(rec, served, reason)
+        except AgentError as err:
+            self.transition(rec, ModelState.REJECTED, f"swap: {err}")
 
     def _park(self, rec: ModelRecord, served: ServedModel) -> None:
         """when-idle: the loaded model waits until the controller says the robot stands still."""
@@ -122,7 +129,7 @@ class Activation:
             return
         served = self.parked[1]
         self.parked, self.parked_why = None, ""
-        self.activate(rec, served, "passed the gate; swapped in while the robot was idle")
+        self._activate_or_reject(rec, served, "passed the gate; swapped in while the robot was idle")
 
     def release_parked(self) -> None:
         if self.parked is not None:
@@ -133,7 +140,11 @@ class Activation:
         previous_rec = self.store.active()
         baseline = self._served_p99()
         self._end_watch("replaced before its watch ended")
-        previous = self.server.swap(served, keep_previous=True)
+        try:
+            previous = self.server.swap(served, keep_previous=True)
+        except (HandOverRefused, WorkerFailed) as err:  # its serving process ended while it waited
+            self.server.release(served)
+            raise AgentError(f"{rec.version} was not swapped in: {err}") from err
         self.transition(rec, ModelState.ACTIVE, reason)
         if previous_rec is not None and previous_rec.id != rec.id:
             self.transition(previous_rec, ModelState.RETIRED, f"replaced by {rec.version}")
@@ -187,9 +198,23 @@ class Activation:
             log.error("%s failed its watch (%s) and there is no previous model to go back to", w.version, reason)
             self.emit("watch_failed", version=w.version, reason=f"{reason}; no previous model to roll back to")
             return
-        self.server.swap(w.previous)  # the failed model's process ends
-        self.transition(rec, ModelState.ROLLED_BACK, f"post-activation watch: {reason}")
         previous = self.store.get(w.previous_id)
+        try:
+            self.server.swap(w.previous)  # the failed model's process becomes the spare
+        except (HandOverRefused, WorkerFailed) as err:  # the previous model's process is gone too
+            self.server.release(w.previous)
+            log.warning("rolling back to %s: its serving process is gone (%s); loading it again", previous.version, err)
+            try:
+                self.server.swap(self._load_stored(previous))
+            except Exception as err2:
+                log.error(
+                    "%s failed its watch (%s) and %s does not load: %s", w.version, reason, previous.version, err2
+                )
+                self.emit(
+                    "watch_failed", version=w.version, reason=f"{reason}; {previous.version} does not load: {err2}"
+                )
+                return
+        self.transition(rec, ModelState.ROLLED_BACK, f"post-activation watch: {reason}")
         self.transition(previous, ModelState.ACTIVE, f"restored: {w.version} was rolled back ({reason})")
 
     def _restart_serving(self, failure: str) -> None:
@@ -198,7 +223,9 @@ class Activation:
             return
         self._next_restart = time.monotonic() + RESTART_EVERY_S
         rec = self.store.active()
-        if rec is None:
+        if rec is None or self.server.model is None:
+            log.error("%s; starting a new one (no model is active)", failure)
+            self.server.serve_nothing()
             return
         log.error("%s; loading %s in a new serving process", failure, rec.version)
         self.emit("serving_restarted", model_id=rec.id, version=rec.version, reason=failure)

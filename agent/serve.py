@@ -153,19 +153,32 @@ class InferenceServer:
         except HandOverRefused:
             new.standby_priority(self.background_cpus)
             raise
-        except WorkerFailed as err:  # its clients were cut off; they reconnect to the new one
+        except WorkerFailed as err:  # it is gone (or was ended): its clients reconnect to the new one
             log.warning("the serving process %d could not hand over (%s): starting afresh", holder.pid, err)
+            holder.close()
             new.give(self._listener)
         holder.standby_priority(self.background_cpus)
         old = self._model
         self._model, self._holder = model, new
         self.stats, self.failure = SwapStats(model.version), None
-        if old is None or holder is not old.worker:
+        if old is None or holder is not old.worker or holder.closed:
             self.pool.retire(holder)  # the engine-less process, or one that failed
-        if old is not None and not keep_previous:
+            return None
+        if not keep_previous:
             self.pool.retire(old.worker)
             return None
         return old
+
+    def serve_nothing(self) -> None:
+        """No model is active and the engine-less process ended: a new one answers "no active
+        model yet" (new connections would otherwise wait unanswered)."""
+        assert self._listener is not None and self._model is None
+        if self._holder is not None:
+            self._holder.close()
+        holder = self.pool.start(None, Identity("", "", self.backend.name))
+        holder.serving_priority(self.rt_priority, self.serving_cpus)
+        holder.give(self._listener)
+        self._holder, self.failure = holder, None
 
     def release(self, model: ServedModel) -> None:
         """Close a model handed back by `swap` (or loaded and never swapped in); its process stays

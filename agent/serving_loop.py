@@ -34,7 +34,7 @@ from agent.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 MAX_FDS = 250  # per SCM_RIGHTS message (the kernel's limit is 253)
-HANDOVER_BYTES = 1 << 22
+PIECE = 1 << 16  # buffered bytes follow the descriptors in messages of at most this size
 
 
 @dataclass
@@ -122,7 +122,8 @@ class ServingLoop:
     def run(self) -> None:
         while not self._stop:
             for key, mask in self._sel.select(timeout=1.0):
-                self._dispatch(key, mask)
+                if self._sel.get_map().get(key.fd) is key:  # not handed over earlier in this batch
+                    self._dispatch(key, mask)
         for conn in list(self._conns.values()):
             self._close(conn)
         self._unload()
@@ -196,15 +197,22 @@ class ServingLoop:
     # -- the hand-over -----------------------------------------------------------------------------
     def _hand_over(self, target: socket.socket) -> int:
         """Send the listener and every connection to the next serving process; returns how many
-        connections moved. Runs between two requests: no request is half answered."""
-        items: list[tuple[socket.socket, dict[str, str] | None]] = []
+        connections moved. Runs between two requests: no request is half answered. Each message
+        carries up to MAX_FDS descriptors and the sizes of their buffered bytes, which follow in
+        pieces. An OSError (the successor is gone) leaves everything as it was: this process keeps
+        serving."""
+        items: list[tuple[socket.socket, _Conn | None]] = []
         if self._listener is not None:
             items.append((self._listener, None))
-        items += [(c.sock, {"inbuf": c.inbuf.hex(), "outbuf": c.outbuf.hex()}) for c in self._conns.values()]
-        for start in range(0, len(items), MAX_FDS):  # an OSError here (the successor is gone) leaves
-            chunk = items[start : start + MAX_FDS]  # everything as it was: this process keeps serving
-            header = {"listener": chunk[0][1] is None, "conns": [bufs for _, bufs in chunk if bufs is not None]}
+        items += [(c.sock, c) for c in self._conns.values()]
+        for start in range(0, len(items), MAX_FDS):
+            chunk = items[start : start + MAX_FDS]
+            conns = [c for _, c in chunk if c is not None]
+            header = {"listener": chunk[0][1] is None, "conns": [[len(c.inbuf), len(c.outbuf)] for c in conns]}
             socket.send_fds(target, [json.dumps(header).encode()], [sock.fileno() for sock, _ in chunk])
+            data = b"".join(bytes(c.inbuf) + bytes(c.outbuf) for c in conns)
+            for off in range(0, len(data), PIECE):
+                target.sendall(data[off : off + PIECE])
         for sock, _ in items:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(sock)
@@ -215,18 +223,49 @@ class ServingLoop:
         return moved
 
     def _take_over(self) -> None:
-        data, fds, _flags, _addr = socket.recv_fds(self.inbox, HANDOVER_BYTES, MAX_FDS)
+        data, fds, flags, _addr = socket.recv_fds(self.inbox, PIECE, MAX_FDS)
         if not data:
             self._stop = True
             return
-        header = json.loads(data)
         socks = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ValueError("a truncated hand-over message")
+            header = json.loads(data)
+            sizes = [(int(i), int(o)) for i, o in header["conns"]]
+            if len(socks) != int(bool(header["listener"])) + len(sizes):
+                raise ValueError(f"{len(socks)} descriptors for {len(sizes)} connections")
+            payload = self._read_exactly(sum(i + o for i, o in sizes))
+        except (ValueError, KeyError, OSError) as err:
+            log.error("a hand-over failed (%s): %d connections lost", err, len(socks))
+            for sock in socks:
+                sock.close()
+            return
         if header["listener"]:
+            if self._listener is not None:  # there is only one listener: keep the newest
+                self._sel.unregister(self._listener)
+                self._listener.close()
             self._listener = socks.pop(0)
             self._listener.setblocking(False)
             self._sel.register(self._listener, selectors.EVENT_READ, "accept")
-        for sock, bufs in zip(socks, header["conns"], strict=True):
-            self._adopt(sock, bytes.fromhex(bufs["inbuf"]), bytes.fromhex(bufs["outbuf"]))
+        off = 0
+        for sock, (i, o) in zip(socks, sizes, strict=True):
+            self._adopt(sock, payload[off : off + i], payload[off + i : off + i + o])
+            off += i + o
+
+    def _read_exactly(self, n: int) -> bytes:
+        """The buffered bytes that follow a hand-over header (the sender writes them at once)."""
+        got = bytearray()
+        self.inbox.settimeout(5.0)
+        try:
+            while len(got) < n:
+                piece = self.inbox.recv(PIECE)
+                if not piece:
+                    raise OSError("the previous serving process closed mid-hand-over")
+                got += piece
+        finally:
+            self.inbox.settimeout(None)
+        return bytes(got)
 
     def _adopt(self, sock: socket.socket, inbuf: bytes = b"", outbuf: bytes = b"") -> None:
         sock.setblocking(False)
@@ -240,7 +279,8 @@ class ServingLoop:
 
     # -- clients -----------------------------------------------------------------------------------
     def _accept(self) -> None:
-        assert self._listener is not None
+        if self._listener is None:
+            return
         try:
             sock, _ = self._listener.accept()
         except BlockingIOError:

@@ -64,13 +64,14 @@ class WorkerPool:
     def __init__(self, backend: Backend | None) -> None:
         self.backend = backend
         self._spares: list[EngineWorker] = []
+        self._all: set[EngineWorker] = set()  # every process started and not yet closed
         self._lock = threading.Lock()
 
     def start(self, engine_path: Path | None, identity: Identity) -> EngineWorker:
         with self._lock:
             spare = self._spares.pop() if self._spares and engine_path is not None else None
         if spare is None:
-            return EngineWorker(self.backend, engine_path, identity)
+            return self._new(engine_path, identity)
         assert engine_path is not None
         try:
             spare.load(engine_path, identity)
@@ -79,8 +80,14 @@ class WorkerPool:
             raise
         except WorkerFailed:
             spare.close()
-            return EngineWorker(self.backend, engine_path, identity)
+            return self._new(engine_path, identity)
         return spare
+
+    def _new(self, engine_path: Path | None, identity: Identity) -> EngineWorker:
+        worker = EngineWorker(self.backend, engine_path, identity)
+        with self._lock:
+            self._all = {w for w in self._all if not w.closed} | {worker}
+        return worker
 
     def retire(self, worker: EngineWorker) -> None:
         """A released model's process: kept as a spare (engine closed), else ended."""
@@ -96,9 +103,10 @@ class WorkerPool:
         worker.close()
 
     def close(self) -> None:
+        """Every process this pool started: spares, standby models, the one in service."""
         with self._lock:
-            spares, self._spares = self._spares, []
-        for worker in spares:
+            workers, self._spares, self._all = self._all, [], set()
+        for worker in workers:
             worker.close()
 
 
@@ -156,13 +164,20 @@ class EngineWorker:
         except (EOFError, OSError):
             self.proc.join(1)
             raise WorkerFailed(self.failure() or "the serving process closed its channel") from None
-        raise WorkerFailed(f"the serving process (pid {self.pid}) did not answer within {timeout:g} s")
+        # A late reply would be read as the answer to the next request: a process that does not
+        # answer its control channel in time is ended.
+        self.proc.kill()
+        self.proc.join(5)
+        raise WorkerFailed(f"the serving process (pid {self.pid}) did not answer within {timeout:g} s; ended it")
 
     def load(self, engine_path: Path, identity: Identity, timeout: float = 600.0) -> None:
         """A spare process loads the next model (it must hold no clients)."""
         reply = self.request({"cmd": "load", "engine_path": str(engine_path), "identity": identity}, timeout=timeout)
         if "error" in reply:
             raise EngineLoadFailed(f"the engine does not load: {reply['error']}")
+        if "inputs" not in reply:
+            self.close()
+            raise WorkerFailed(f"the serving process answered a load with {reply!r}")
         self.identity = identity
         self.inputs = [TensorSpec.from_json(t) for t in reply["inputs"]]
         self.outputs = [TensorSpec.from_json(t) for t in reply["outputs"]]
@@ -214,6 +229,10 @@ class EngineWorker:
                     err,
                     SERVING_NICE,
                 )
+        try:  # out of SCHED_IDLE (needs the unit's LimitNICE, or CAP_SYS_NICE), then nice -5
+            os.sched_setscheduler(self.pid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError as err:
+            log.warning("serving process %d stays at background priority (%s)", self.pid, err)
         _setpriority(self.pid, SERVING_NICE)
 
     def standby_priority(self, cpus: set[int] | None = None) -> None:
@@ -221,6 +240,10 @@ class EngineWorker:
         idle(self.pid)
         if cpus:
             pin(self.pid, cpus)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         if self._closed:
@@ -264,8 +287,7 @@ def _child(
 ) -> None:
     die_with_parent(PROCESS_NAME)  # also lowers our priority while we load
     logging.basicConfig(level=logging.INFO, format=f"{PROCESS_NAME}[%(process)d] %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the daemon ends us (or our death signal does):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller is served until the daemon stops
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the agent's terminal is for the daemon
 
     def load(path: str) -> Engine:
         assert backend is not None

@@ -16,7 +16,7 @@ import pytest
 from agent import wire
 from agent.client import Policy
 from agent.engines.onnxruntime import OnnxRuntimeBackend
-from agent.worker import EngineWorker, HandOverRefused, Identity, WorkerFailed
+from agent.worker import EngineWorker, HandOverRefused, Identity, WorkerFailed, WorkerPool
 from tests.models import mlp
 
 
@@ -107,6 +107,7 @@ def test_the_serving_process_moves_to_the_reserved_cpu_and_back(
     serving, rest = min(os.sched_getaffinity(0)), os.sched_getaffinity(0) - {min(os.sched_getaffinity(0))}
     a.serving_priority(0, {serving})
     assert os.sched_getaffinity(a.pid) == {serving}
+    assert os.sched_getscheduler(a.pid) == os.SCHED_OTHER  # out of SCHED_IDLE even without SCHED_FIFO
     a.standby_priority(rest)
     assert os.sched_getaffinity(a.pid) == rest and os.sched_getscheduler(a.pid) == os.SCHED_IDLE
 
@@ -124,3 +125,40 @@ def test_a_hand_over_to_a_dead_process_keeps_the_clients_where_they_are(
             a.hand_over_to(b)
         policy(x)  # the same connection, still answered by a
         assert policy.model_version == "a" and a.stats()["clients"] == 1
+
+
+def test_a_large_partial_request_moves_too(
+    workers: tuple[EngineWorker, EngineWorker, socket.socket], tmp_path: Path
+) -> None:
+    a, b, _ = workers
+    big = wire.request(wire.INFER, 9, {"obs": np.zeros((1000, 48), np.float32)})  # 192 KB
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        client.connect(str(tmp_path / "infer.sock"))
+        client.sendall(big[:150_000])
+        time.sleep(0.2)  # a holds 150 KB of it
+        assert a.hand_over_to(b)["moved"] == 1
+        client.sendall(big[150_000:])
+        _kind, rid, version, _, _ = wire.parse_response(_read_frame(client))
+        assert (rid, version) == (9, "b")  # answered (an error: the model takes a batch of 1) by b
+
+
+def test_a_process_that_does_not_answer_is_ended(workers: tuple[EngineWorker, EngineWorker, socket.socket]) -> None:
+    _, b, _ = workers
+    os.kill(b.pid, signal.SIGSTOP)
+    with pytest.raises(WorkerFailed, match="did not answer within 0.5 s; ended it"):
+        b.request({"cmd": "stats"}, timeout=0.5)
+    assert not b.proc.is_alive()  # no late reply can be taken for the next request's
+
+
+def test_the_pool_closes_every_process_it_started(tmp_path: Path) -> None:
+    backend = OnnxRuntimeBackend()
+    engine = tmp_path / "a.engine"
+    backend.build(mlp(tmp_path / "a.onnx"), engine)
+    pool = WorkerPool(backend)
+    serving = pool.start(engine, Identity("a", "sha-a", backend.name))
+    spare = pool.start(engine, Identity("b", "sha-b", backend.name))
+    pool.retire(spare)
+    assert serving.proc.is_alive() and spare.proc.is_alive()  # the spare waits for the next model
+    pool.close()
+    assert not serving.proc.is_alive() and not spare.proc.is_alive()
