@@ -249,10 +249,15 @@ def idle(tid: int) -> None:
         os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     except (OSError, AttributeError) as err:
         log.debug("no SCHED_IDLE for %d (%s): nice %d", tid, err, BACKGROUND_NICE)
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
-        except OSError as err2:
-            log.debug("cannot lower the priority of background work: %s", err2)
+        renice(tid, BACKGROUND_NICE)
+
+
+def renice(tid: int, nice: int) -> None:
+    """Set a thread's nice value; raising it back needs CAP_SYS_NICE or the unit's LimitNICE."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError as err:
+        log.info("%d keeps its CPU priority (%s)", tid, err)
 
 
 def background() -> None:

@@ -122,8 +122,7 @@ class ServingLoop:
     def run(self) -> None:
         while not self._stop:
             for key, mask in self._sel.select(timeout=1.0):
-                if self._sel.get_map().get(key.fd) is key:  # not handed over earlier in this batch
-                    self._dispatch(key, mask)
+                self._dispatch(key, mask)
         for conn in list(self._conns.values()):
             self._close(conn)
         self._unload()
@@ -279,7 +278,7 @@ class ServingLoop:
 
     # -- clients -----------------------------------------------------------------------------------
     def _accept(self) -> None:
-        if self._listener is None:
+        if self._listener is None:  # handed over earlier in this select batch
             return
         try:
             sock, _ = self._listener.accept()

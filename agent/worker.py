@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from agent.build import die_with_parent, exit_reason, idle, start_in_background
+from agent.build import die_with_parent, exit_reason, idle, renice, start_in_background
 from agent.engines import Backend, Engine
 from agent.errors import AgentError
 from agent.protocol import TensorSpec
@@ -233,7 +233,7 @@ class EngineWorker:
             os.sched_setscheduler(self.pid, os.SCHED_OTHER, os.sched_param(0))
         except OSError as err:
             log.warning("serving process %d stays at background priority (%s)", self.pid, err)
-        _setpriority(self.pid, SERVING_NICE)
+        renice(self.pid, SERVING_NICE)
 
     def standby_priority(self, cpus: set[int] | None = None) -> None:
         """Back to background priority (and CPUs) once it has handed its clients over."""
@@ -273,13 +273,6 @@ def pin_process(cpus: set[int]) -> None:
     """Every thread of this process (new threads and children inherit it from their creator)."""
     for tid in os.listdir("/proc/self/task"):
         pin(int(tid), cpus)
-
-
-def _setpriority(pid: int, nice: int) -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, nice)
-    except OSError as err:  # raising needs CAP_SYS_NICE or the unit's LimitNICE
-        log.info("process %d keeps its CPU priority (%s)", pid, err)
 
 
 def _child(

@@ -20,7 +20,7 @@ import numpy as np
 
 from agent.control import ControlServer
 from agent.go2 import dds
-from agent.go2.inference import Job, Outcome, PolicyThread
+from agent.go2.inference import Job, Outcome, PolicyThread, figures_us
 from agent.go2.mapping import Mapper, RobotState
 from agent.go2.safety import Mode, MotorCommand, Safety, limit_torque
 from agent.go2.settings import Go2Config
@@ -135,15 +135,10 @@ class Controller:
 
     def _loop_figures(self) -> dict[str, float]:
         """The loop's period over the last PERIOD_WINDOW iterations, in µs (wall time)."""
-        p = self._periods[self._periods > 0] * 1e6
-        if not len(p):
-            return {}
-        return {
-            "p50_us": round(float(np.percentile(p, 50)), 1),
-            "p99_us": round(float(np.percentile(p, 99)), 1),
-            "max_us": round(float(p.max()), 1),
-            "over_2x": int((p > 2e6 / CONTROL_HZ).sum()),
-        }
+        figures = figures_us(self._periods)
+        if figures:
+            figures["over_2x"] = int((self._periods > 2 / CONTROL_HZ).sum())
+        return figures
 
     def _now(self) -> float:
         """Seconds on the loop's clock: sim time in lockstep, wall time otherwise."""

@@ -106,14 +106,7 @@ class PolicyThread:
 
     def round_trip_figures(self) -> dict[str, float]:
         """Inference round trips through the agent's socket, in µs (what the deadline is up against)."""
-        rt = self.round_trips[self.round_trips > 0] * 1e6
-        if not len(rt):
-            return {}
-        return {
-            "p50_us": round(float(np.percentile(rt, 50)), 1),
-            "p99_us": round(float(np.percentile(rt, 99)), 1),
-            "max_us": round(float(rt.max()), 1),
-        }
+        return figures_us(self.round_trips)
 
     def _run(self) -> None:
         while True:
@@ -159,3 +152,15 @@ class PolicyThread:
         self._calls += 1
         (arr,) = [v for k, v in out.items() if cfg.output_name in (None, k)][:1]
         return np.asarray(arr, np.float64).reshape(-1)
+
+
+def figures_us(seconds: np.ndarray) -> dict[str, float]:
+    """p50, p99 and max in µs of the recorded (non-zero) durations in seconds; {} before any."""
+    us = seconds[seconds > 0] * 1e6
+    if not len(us):
+        return {}
+    return {
+        "p50_us": round(float(np.percentile(us, 50)), 1),
+        "p99_us": round(float(np.percentile(us, 99)), 1),
+        "max_us": round(float(us.max()), 1),
+    }
