@@ -131,6 +131,10 @@ class Provisioner:
                 lease = share.acquire(key, hold_s)
                 if lease.ours:
                     self._leases.add(key)
+                    # The last holder may have shared its engine and let go between our look and our put.
+                    if self._fetch_shared(key, path, hooks, told):
+                        self._drop_lease(key)
+                        return True
                     return False
                 if not share.trusted(lease.holder):
                     hooks.notify("shared_engine_ignored", _why(key, lease.holder, "lease held by an untrusted builder"))

@@ -136,9 +136,11 @@ class EngineShare:
             except BotoCoreError as err:
                 raise ShareError(f"taking the build lease failed: {err}") from err
             held = self._lease(key)
-            if held is not None and held.expires_at > time.time():
+            if held is None:
+                continue  # released in between: try again
+            if held.expires_at > time.time():
                 return held
-            log.info("build lease of %s expired (holder %s): taking it over", key, held and held.holder)
+            log.info("build lease of %s expired (holder %s): taking it over", key, held.holder)
             self.release(key, force=True)
         return Lease(False, "?", time.time() + self.cfg.poll_s)
 

@@ -5,6 +5,7 @@ observation/action mapping and the safety arithmetic."""
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,26 @@ def test_deploy_config_errors_name_the_key(tmp_path: Path) -> None:
     bad.write_text('observations = ["ang_vel"]\ndefault_q = [0.0, 0.8]\naction_scale = 0.25\nkp = 20\nkd = 1\n')
     with pytest.raises(ConfigError, match="default_q needs 1, 3 or 12 values"):
         deploy.load(bad)
+
+
+def test_a_frozen_lowstate_feeds_the_policy_no_new_job(tmp_path: Path) -> None:
+    """Between the last lowstate and the stale timeout the timer loop reuses the latest state; the
+    policy must not be asked again on it (its own last action fed back on a frozen state drifts)."""
+    from agent.go2.controller import Controller
+    from agent.go2.safety import Mode
+
+    c = Controller(Go2Config(), tmp_path / "infer.sock", tmp_path / "go2.sock")
+    c.mapper = Mapper(deploy.load(PRESETS / "robot_lab.toml"))
+    c.safety.set(Mode.WALK, "walking", 0.0)
+    decimation = c.mapper.cfg.decimation
+    state = RobotState(
+        quat=np.array([1.0, 0, 0, 0]), gyro=np.zeros(3), q=c.mapper.default_stance(), dq=np.zeros(12), tick=7
+    )
+    for _ in range(3 * decimation):
+        c.step(state, time.monotonic())
+    assert c.job_seq == 1
+    state.tick = 8
+    for _ in range(decimation):
+        c.step(state, time.monotonic())
+    assert c.job_seq == 2
+    assert c.safety.mode == Mode.WALK

@@ -75,6 +75,7 @@ def publish_foreign(tmp_path: Path, s3: MotoS3, bucket: str, builder: str, **ove
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     other = agent(tmp_path / "other", s3, bucket, builder, [])
     got = other.obtain(sha, path, Recorder().hooks())
+    other.settle(got.key, passed=False)  # frees its build lease; the record below is the share
     meta = enginecache.read_sidecar(got.path)
     assert meta is not None
     client = s3.client()
@@ -119,3 +120,24 @@ def test_an_expired_lease_is_taken_over(tmp_path: Path, s3: MotoS3, bucket: str)
     lease = other.acquire("k", 60)
     assert lease.ours and lease.holder == "go2-02"
     assert not share.acquire("k", 60).ours
+
+
+class _LookedTooEarly(EngineShare):
+    """An agent whose first look came just before the builder shared its engine and let go."""
+
+    looks = 0
+
+    def records(self, key: str) -> dict[str, enginecache.EngineMeta | str]:
+        self.looks += 1
+        return {} if self.looks == 1 else super().records(key)
+
+
+def test_an_engine_shared_between_the_look_and_the_lease_is_used(tmp_path: Path, s3: MotoS3, bucket: str) -> None:
+    sha, path = publish_foreign(tmp_path, s3, bucket, "go2-02")
+    share = _LookedTooEarly(s3.client(), ShareConfig(True, bucket, "engines/", ["go2-02"]), "go2-01")
+    rec = Recorder()
+    got = Provisioner(Store(tmp_path / "go2-01"), OnnxRuntimeBackend(), BuildConfig(), share, "go2-01").obtain(
+        sha, path, rec.hooks()
+    )
+    assert (got.source, rec.builds, share.looks) == ("shared", 0, 2)
+    assert f"engines/{got.key}/lease" not in keys(s3, bucket)  # the lease it took is freed

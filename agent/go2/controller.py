@@ -54,6 +54,7 @@ class Controller:
         self.events: list[dict[str, Any]] = []  # mode changes and model versions, newest last
         self.snapshot: dict[str, Any] = {}
         self._last_state_tick = -1
+        self._posted_tick = -1  # the lowstate tick of the last policy job
         self._last_cmd: Any = None
         self._applied = 0
         self._periods = np.zeros(PERIOD_WINDOW)  # seconds between loop iterations (timer clock)
@@ -207,12 +208,18 @@ class Controller:
         return self.cfg.lockstep or now - self.job_at > deadline
 
     def _post(self, state: RobotState, now: float) -> None:
+        if state.tick == self._posted_tick:
+            # No lowstate since the last job (the timer loop reuses the latest): the policy would see
+            # its own last action with a frozen state and can drift out of range within the stale
+            # timeout. Keep the last targets until a new lowstate or the stale check damps.
+            return
         if self.mapper is not None and "lin_vel" in self.mapper.cfg.observations:
             why = self._velocity_missing()
             if why:
                 self._to(Mode.HOLD, why, now)
                 return
             state.lin_vel_world = self.velocity.value[0]
+        self._posted_tick = state.tick
         self.job_seq += 1
         self.job_at = now
         self.policy.post(Job(self.job_seq, state, self.command.copy()))
