@@ -25,6 +25,7 @@ from typing import Any
 from agent.config import BuildConfig
 from agent.engines import Backend
 from agent.errors import AgentError, RejectedModel
+from agent.sched import start_in_background
 
 log = logging.getLogger(__name__)
 
@@ -228,42 +229,6 @@ def die_with_parent(name: str) -> None:
         log.debug("no parent-death signal: %s", err)
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
-    background()
-
-
-BACKGROUND_NICE = 10
-
-
-def start_in_background(proc: Any) -> None:
-    """Start a child process and make it SCHED_IDLE at once (it repeats that itself, see
-    die_with_parent). A SCHED_IDLE task gets a CPU only when no other task wants it, and any task
-    that wakes preempts it at once; a nice-10 task could keep the CPU from the serving process
-    until the next scheduler tick (4 ms at HZ=250: two control periods)."""
-    proc.start()
-    idle(proc.pid)
-
-
-def idle(tid: int) -> None:
-    """SCHED_IDLE for a thread (a process's main thread: its pid); nice 10 where that is refused."""
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError) as err:
-        log.debug("no SCHED_IDLE for %d (%s): nice %d", tid, err, BACKGROUND_NICE)
-        renice(tid, BACKGROUND_NICE)
-
-
-def renice(tid: int, nice: int) -> None:
-    """Set a thread's nice value; raising it back needs CAP_SYS_NICE or the unit's LimitNICE."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except OSError as err:
-        log.info("%d keeps its CPU priority (%s)", tid, err)
-
-
-def background() -> None:
-    """This thread (the main thread of a download, check or build child) yields the CPU to
-    everything else: the serving process and the controller first."""
-    idle(threading.get_native_id())
 
 
 def protect_daemon() -> None:

@@ -26,13 +26,13 @@ from agent.link import Link
 from agent.pipeline import Candidate, Pipeline, skipped_checks
 from agent.protocol import Announcement, Manifest, ObjectRef, Topics, decode, encode, new_event, now
 from agent.provision import Provisioner
+from agent.sched import choose_background, pin_process
 from agent.serve import InferenceServer, ServedModel
 from agent.share import EngineShare
 from agent.status import StatusBuilder
 from agent.store import ModelRecord, Store
 from agent.telemetry import LatencyRecorder
 from agent.validate import BehaviouralCheck, GateContext, GateRejected
-from agent.worker import pin_process
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ class Daemon:
     def run(self) -> int:
         if self.server.background_cpus:
             pin_process(self.server.background_cpus)  # before any child starts: they inherit it
+        background = choose_background(self.cfg.serving_rt_priority)
+        log.info("downloads, checks, builds and model loads run %s", background)
         self.service.install_signal_handlers()
         protect_daemon()
         self._restore_active()

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from agent.build import available_mb
 from agent.config import AgentConfig, load
 from agent.errors import AgentError
+from agent.sched import fifo_allowed
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")  # present on every Jetson (L4T)
@@ -199,9 +200,8 @@ def _scheduling(cfg: AgentConfig) -> list[Check]:
     where = f" on CPUs {cfg.serving_cpus}" if cfg.serving_cpus else ""
     if not cfg.serving_rt_priority:
         return [Check("scheduling", OK, f"serving process at nice -5{where} (serving_rt_priority = 0)")]
-    soft, _ = resource.getrlimit(resource.RLIMIT_RTPRIO)
-    allowed = os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= cfg.serving_rt_priority
-    if not allowed:
+    if not fifo_allowed(cfg.serving_rt_priority):
+        soft, _ = resource.getrlimit(resource.RLIMIT_RTPRIO)
         return [
             Check(
                 "scheduling",

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from agent.build import die_with_parent, exit_reason, start_in_background
+from agent.build import die_with_parent, exit_reason
 from agent.config import S3Config
 from agent.errors import AgentError, FetchError
 from agent.protocol import ObjectRef
+from agent.sched import start_in_background
 
 _MP = multiprocessing.get_context("spawn")
 POLL_S = 0.1

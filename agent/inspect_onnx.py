@@ -14,9 +14,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from agent.build import die_with_parent, exit_reason, start_in_background
+from agent.build import die_with_parent, exit_reason
 from agent.errors import RejectedModel
 from agent.protocol import TensorSpec
+from agent.sched import start_in_background
 
 _MP = multiprocessing.get_context("spawn")
 Signature = tuple[list[TensorSpec], list[TensorSpec]]
@@ -61,7 +62,7 @@ class _Checker:
     def _start(self) -> None:
         self._conn, child = _MP.Pipe(duplex=True)
         self._proc = _MP.Process(target=_serve, args=(child,), name="onnx-check", daemon=True)
-        start_in_background(self._proc)  # SCHED_IDLE from its first instructions
+        start_in_background(self._proc)
         child.close()
 
     def _stop(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from agent.engines import Backend
 from agent.protocol import TensorSpec
+from agent.sched import describe
 from agent.telemetry import LatencyRecorder
 from agent.worker import EngineWorker, HandOverRefused, Identity, WorkerFailed, WorkerPool
 
@@ -104,11 +105,7 @@ class InferenceServer:
         if pid is None:
             return None
         try:
-            policy = os.sched_getscheduler(pid)
-            if policy == os.SCHED_FIFO:
-                sched = f"SCHED_FIFO {os.sched_getparam(pid).sched_priority}"
-            else:
-                sched = f"nice {os.getpriority(os.PRIO_PROCESS, pid)}"
+            sched = describe(pid)
             cpus = sorted(os.sched_getaffinity(pid))
         except OSError:
             return {"pid": pid, "scheduling": "gone", "cpus": []}

@@ -7,9 +7,10 @@ this project's 2-core CI machine, a 2 ms control period). Here the next model lo
 process while the current one keeps answering, and the swap is a hand-over of the client sockets
 (agent.serving_loop). A model that crashes its runtime takes down its own process, not the daemon.
 
-The process is started fresh (multiprocessing `spawn`, like the build child), dies with the
-daemon (PR_SET_PDEATHSIG), loads at background priority and is raised to the serving priority
-only when it takes the clients."""
+The process is started fresh (multiprocessing `spawn`, like the build child) and dies with the
+daemon (PR_SET_PDEATHSIG). One that loads a model does so in the background (agent.sched) and is
+raised to the serving priority when it takes the clients; an engine-less one (start-up, no model
+yet) is needed at once and starts at the daemon's priority."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import gc
 import json
 import logging
 import multiprocessing
-import os
 import signal
 import socket
 import threading
@@ -26,17 +26,17 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from agent.build import die_with_parent, exit_reason, idle, renice, start_in_background
+from agent.build import die_with_parent, exit_reason
 from agent.engines import Backend, Engine
 from agent.errors import AgentError
 from agent.protocol import TensorSpec
+from agent.sched import pin, start_in_background, to_background, to_serving
 from agent.serving_loop import Identity, ServingLoop, ready
 
 log = logging.getLogger(__name__)
 
 _MP = multiprocessing.get_context("spawn")
 PROCESS_NAME = "edge-serve"
-SERVING_NICE = -5
 WARMUP_CALLS = 20
 
 
@@ -124,7 +124,10 @@ class EngineWorker:
         self.proc = _MP.Process(
             target=_child, args=(backend, path, identity, child_ctl, inbox), name=PROCESS_NAME, daemon=True
         )
-        start_in_background(self.proc)
+        if engine_path is None:
+            self.proc.start()  # the daemon waits for it to answer "no active model yet"
+        else:
+            start_in_background(self.proc)
         child_ctl.close()
         inbox.close()
         assert self.proc.pid is not None
@@ -212,32 +215,12 @@ class EngineWorker:
         return exit_reason(code, "the serving process") if code is not None else "the serving process ended"
 
     def serving_priority(self, rt_priority: int, cpus: set[int] | None = None) -> None:
-        """Raise the process before it takes the clients: SCHED_FIFO when allowed (the unit's
-        LimitRTPRIO), else nice -5, on the reserved CPUs if any. Its single serving thread is its
-        main thread (tid = pid); threads the runtime started while loading stay in the background."""
-        if cpus:
-            pin(self.pid, cpus)
-        if rt_priority:
-            try:
-                os.sched_setscheduler(self.pid, os.SCHED_FIFO, os.sched_param(rt_priority))
-                return
-            except OSError as err:
-                log.info(
-                    "serving process %d cannot run SCHED_FIFO %d (%s): nice %d",
-                    self.pid,
-                    rt_priority,
-                    err,
-                    SERVING_NICE,
-                )
-        try:  # out of SCHED_IDLE (needs the unit's LimitNICE, or CAP_SYS_NICE), then nice -5
-            os.sched_setscheduler(self.pid, os.SCHED_OTHER, os.sched_param(0))
-        except OSError as err:
-            log.warning("serving process %d stays at background priority (%s)", self.pid, err)
-        renice(self.pid, SERVING_NICE)
+        """Raised before it takes the clients (agent.sched.to_serving)."""
+        to_serving(self.pid, rt_priority, cpus)
 
     def standby_priority(self, cpus: set[int] | None = None) -> None:
-        """Back to background priority (and CPUs) once it has handed its clients over."""
-        idle(self.pid)
+        """Back to the background (and its CPUs) once it has handed its clients over."""
+        to_background(self.pid)
         if cpus:
             pin(self.pid, cpus)
 
@@ -262,23 +245,10 @@ class EngineWorker:
         self._feed.close()
 
 
-def pin(tid: int, cpus: set[int]) -> None:
-    try:
-        os.sched_setaffinity(tid, cpus)
-    except OSError as err:
-        log.warning("cannot pin %d to CPUs %s: %s", tid, sorted(cpus), err)
-
-
-def pin_process(cpus: set[int]) -> None:
-    """Every thread of this process (new threads and children inherit it from their creator)."""
-    for tid in os.listdir("/proc/self/task"):
-        pin(int(tid), cpus)
-
-
 def _child(
     backend: Backend | None, engine_path: str | None, identity: Identity, ctl: Connection, inbox: socket.socket
 ) -> None:
-    die_with_parent(PROCESS_NAME)  # also lowers our priority while we load
+    die_with_parent(PROCESS_NAME)
     logging.basicConfig(level=logging.INFO, format=f"{PROCESS_NAME}[%(process)d] %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the agent's terminal is for the daemon
 
@@ -310,7 +280,6 @@ def _warm_up(engine: Any) -> None:
 
 
 __all__ = [
-    "SERVING_NICE",
     "EngineLoadFailed",
     "EngineWorker",
     "HandOverRefused",
