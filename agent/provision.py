@@ -136,7 +136,7 @@ class Provisioner:
                         self._drop_lease(key)
                         return True
                     return False
-                if not share.trusted(lease.holder):
+                if lease.holder and not share.trusted(lease.holder):
                     hooks.notify("shared_engine_ignored", _why(key, lease.holder, "lease held by an untrusted builder"))
                     return False
                 reason = hooks.cancelled()

@@ -46,7 +46,7 @@ class ShareError(Exception):
 @dataclass(frozen=True)
 class Lease:
     ours: bool
-    holder: str
+    holder: str  # "" when unknown (the lease changed hands while we looked)
     expires_at: float
 
 
@@ -142,7 +142,7 @@ class EngineShare:
                 return held
             log.info("build lease of %s expired (holder %s): taking it over", key, held.holder)
             self.release(key, force=True)
-        return Lease(False, "?", time.time() + self.cfg.poll_s)
+        return Lease(False, "", time.time() + self.cfg.poll_s)  # it kept changing hands: look again
 
     def _lease(self, key: str) -> Lease | None:
         try:
