@@ -16,7 +16,7 @@ from agent.build import BuildCancelled, BuildConfig
 from agent.config import S3Config
 from agent.digest import sha256_file
 from agent.download import download
-from agent.engines import Backend, Engine
+from agent.engines import Backend
 from agent.errors import RejectedModel
 from agent.inspect_onnx import inspect_onnx
 from agent.lifecycle import ModelState
@@ -25,7 +25,7 @@ from agent.provision import Hooks, Obtained, Provisioner
 from agent.serve import InferenceServer, ServedModel
 from agent.store import Store
 from agent.validate import GateContext, run_gate
-from agent.worker import WorkerFailed
+from agent.worker import EngineLoadFailed, WorkerFailed
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ class Pipeline:
         notify: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.store = store  # only its path helpers are used here: no DB access off the coordinator
-        self.backend = backend
-        self.serving = serving  # loads a model that passed the gate in a serving process
+        self.serving = serving  # loads each candidate in a serving process; the gate runs there
         self.s3 = s3
         self.reserve_bytes = reserve_bytes
         self.report = report
@@ -84,24 +83,19 @@ class Pipeline:
         gate.golden = self._download(cand, model_path)
         self._verify(cand, model_path)
         got = self._build(cand, model_path)
+        try:
+            served = self._load(cand, got, model_path)
+        except BaseException:
+            self.engines.settle(got.key, passed=False)
+            raise
         self.report(cand.record_id, ModelState.VALIDATING, "engine loaded; running the gate", {})
         try:
-            engine = self._load(cand, got, model_path)
+            with self.serving.gating(served) as engine:
+                results = run_gate(engine, m, gate)
         except BaseException:
+            self.serving.release(served)
             self.engines.settle(got.key, passed=False)
             raise
-        try:
-            results = run_gate(engine, m, gate)
-        except BaseException:
-            self.engines.settle(got.key, passed=False)
-            raise
-        finally:
-            engine.close()  # the gate's copy: the serving process loads its own
-        try:
-            served = self.serving.load(got.path, m.version, m.sha256, m.extra.get("deploy_config"))
-        except WorkerFailed as err:
-            self.engines.settle(got.key, passed=False)
-            raise RejectedModel("load", str(err)) from err
         shared = self.engines.settle(got.key, passed=True)
         checks = {r.name: r.to_json() for r in results}
         figures = {"engine_key": got.key, **got.figures, **shared, "gate": checks}
@@ -181,21 +175,30 @@ class Pipeline:
         finally:
             self._superseded.pop(cand.record_id, None)
 
-    def _load(self, cand: Candidate, got: Obtained, model_path: Path) -> Engine:
-        """An engine that passed its hash check but does not load is rebuilt once, never trusted."""
+    def _load(self, cand: Candidate, got: Obtained, model_path: Path) -> ServedModel:
+        """The candidate in a serving process (the gate runs there). An engine that passed its
+        hash check but does not load is rebuilt once, never trusted."""
+        m = cand.manifest
         try:
-            return self.backend.load(got.path)
-        except Exception as err:
+            return self._serve(got, m)
+        except EngineLoadFailed as err:
             log.warning("engine %s does not load (%s): rebuilding it", got.key, err)
         try:
             self.engines.rebuild(got.key, model_path, self._hooks(cand))
-            return self.backend.load(got.path)
         except BuildCancelled as err:
             raise RejectedModel("build", f"cancelled: {err}") from err
-        except RejectedModel:
-            raise
-        except Exception as err:
+        try:
+            return self._serve(got, m)
+        except EngineLoadFailed as err:
             raise RejectedModel("build", f"engine does not load: {err}") from err
+
+    def _serve(self, got: Obtained, m: Manifest) -> ServedModel:
+        try:
+            return self.serving.load(got.path, m.version, m.sha256, m.extra.get("deploy_config"))
+        except EngineLoadFailed:
+            raise
+        except WorkerFailed as err:
+            raise RejectedModel("load", str(err)) from err
 
 
 def _holds(path: Path, sha256: str) -> bool:

@@ -84,6 +84,15 @@ def to_serving(pid: int, rt_priority: int, cpus: set[int] | None) -> None:
     renice(pid, SERVING_NICE)
 
 
+def to_foreground(pid: int) -> None:
+    """The daemon's own class and nice for a process (a candidate while the gate times it)."""
+    try:
+        os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+    except OSError as err:
+        log.info("%d stays in the background (%s)", pid, err)
+    renice(pid, os.getpriority(os.PRIO_PROCESS, 0))
+
+
 def describe(pid: int) -> str:
     """The scheduling the kernel reports for a process, e.g. "SCHED_FIFO 70" or "nice -5"."""
     policy = os.sched_getscheduler(pid)

@@ -9,19 +9,21 @@ STATS_EVERY_S, off the hot path."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.engines import Backend
 from agent.protocol import TensorSpec
-from agent.sched import describe
+from agent.sched import describe, to_foreground
 from agent.telemetry import LatencyRecorder
-from agent.worker import EngineWorker, HandOverRefused, Identity, WorkerFailed, WorkerPool
+from agent.worker import EngineWorker, GateEngine, HandOverRefused, Identity, WorkerFailed, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,19 @@ class InferenceServer:
         path; raises WorkerFailed (EngineLoadFailed: the engine's fault) with the reason."""
         identity = Identity(version, sha256, self.backend.name, deploy_config)
         return ServedModel(self.pool.start(engine_path, identity))
+
+    @contextlib.contextmanager
+    def gating(self, model: ServedModel) -> Iterator[GateEngine]:
+        """A loaded candidate's engine for the gate. Its process runs at the daemon's priority
+        meanwhile (a background process's latency would be the scheduler's, not the model's), and
+        goes back to the background after."""
+        worker = model.worker
+        to_foreground(worker.pid)
+        try:
+            yield GateEngine(worker)
+        finally:
+            if worker.failure() is None:
+                worker.standby_priority(self.background_cpus)
 
     def swap_now(self, model: ServedModel) -> None:
         """Before start(): the model restored from the state dir."""

@@ -30,6 +30,7 @@ import numpy as np
 from agent import wire
 from agent.engines import Engine
 from agent.errors import ProtocolError
+from agent.validate import time_calls
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,8 @@ class ServingLoop:
         elif cmd == "unload":
             self._unload()
             self.ctl.send({"unloaded": True})
+        elif cmd in ("run", "time"):
+            self.ctl.send(self._gate(msg))
         elif cmd == "stop":
             self._stop = True
             self.ctl.send({"stopped": True})
@@ -185,6 +188,20 @@ class ServingLoop:
         gc.collect()
         gc.freeze()  # what is loaded stays; a full collection never walks it while we serve
         return ready(self.engine)
+
+    def _gate(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The gate's calls on a loaded model that serves no one yet: outputs for some inputs
+        ("run"), or each call's time, measured here where it will serve ("time")."""
+        if self._conns or self._listener is not None:
+            return {"error": "this process is serving: the gate runs before the swap"}
+        if self.engine is None:
+            return {"error": "no model loaded"}
+        try:
+            if msg["cmd"] == "run":
+                return {"outputs": [self.engine.run(feed) for feed in msg["feeds"]]}
+            return {"us": time_calls(self.engine, msg["feed"], msg["calls"])}
+        except Exception as err:
+            return {"error": f"{type(err).__name__}: {err}"}
 
     def _unload(self) -> None:
         engine, self.engine = self.engine, None

@@ -26,9 +26,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent.build import die_with_parent, exit_reason
 from agent.engines import Backend, Engine
-from agent.errors import AgentError
+from agent.errors import AgentError, RejectedModel
 from agent.protocol import TensorSpec
 from agent.sched import pin, start_in_background, to_background, to_serving
 from agent.serving_loop import Identity, ServingLoop, ready
@@ -245,6 +247,41 @@ class EngineWorker:
         self._feed.close()
 
 
+class GateEngine:
+    """A loaded candidate as the gate sees it (agent.validate's Engine): every call runs in its
+    serving process, where the model will serve. So the daemon loads no engine of its own (one
+    deserialisation per model, no CUDA context in the daemon), the latency is measured where it
+    counts, and a model that crashes its runtime ends that process, not the daemon."""
+
+    RUN_TIMEOUT_S = 60.0
+    TIME_TIMEOUT_S = 600.0
+
+    def __init__(self, worker: EngineWorker) -> None:
+        self.worker = worker
+        self.inputs = worker.inputs
+        self.outputs = worker.outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs: dict[str, np.ndarray] = self._ask({"cmd": "run", "feeds": [feeds]}, self.RUN_TIMEOUT_S)["outputs"][0]
+        return outputs
+
+    def time_calls(self, feed: dict[str, np.ndarray], calls: int) -> list[float]:
+        times: list[float] = self._ask({"cmd": "time", "feed": feed, "calls": calls}, self.TIME_TIMEOUT_S)["us"]
+        return times
+
+    def close(self) -> None:
+        """Nothing to free: the process and its model serve once the gate passes."""
+
+    def _ask(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        try:
+            reply = self.worker.request(msg, timeout=timeout)
+        except WorkerFailed as err:
+            raise RejectedModel("validate", f"the model's serving process failed during the gate: {err}") from err
+        if "error" in reply:
+            raise RejectedModel("validate", f"the model failed during the gate: {reply['error']}")
+        return reply
+
+
 def _child(
     backend: Backend | None, engine_path: str | None, identity: Identity, ctl: Connection, inbox: socket.socket
 ) -> None:
@@ -282,6 +319,7 @@ def _warm_up(engine: Any) -> None:
 __all__ = [
     "EngineLoadFailed",
     "EngineWorker",
+    "GateEngine",
     "HandOverRefused",
     "Identity",
     "WorkerFailed",

@@ -4,6 +4,7 @@ and two agents sharing one engine through S3 with exactly one build."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -15,8 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent import enginecache
 from agent.build import BUILD_PROCESS_NAME
 from agent.client import Policy
+from agent.engines import engine_key
+from agent.engines.onnxruntime import OnnxRuntimeBackend
+from agent.store import Store
 from tests.conftest import Fleet, mlp, wait_for
 from tests.services import stop
 
@@ -178,3 +183,24 @@ def test_a_damaged_active_engine_is_rebuilt_at_start_never_loaded(fleet: Fleet, 
     assert "fails its check: engine hashes to" in history[1]["reason"]
     assert history[0]["figures"]["engine_source"] == "built" and history[0]["engine_key"] == key
     assert serves(cfg.parent / "run" / "infer.sock", "v1")
+
+
+def test_an_engine_that_hashes_right_but_does_not_load_is_rebuilt_once(fleet: Fleet, tmp_path: Path) -> None:
+    """A cached engine whose sidecar matches but whose bytes do not load (a runtime that changed
+    under the same version string, a file written by a buggy builder) is built again, not trusted."""
+    fleet.start_collector()
+    cfg = fleet.agent_config()
+    model = mlp(tmp_path / "v1.onnx")
+    key = engine_key(hashlib.sha256(model.read_bytes()).hexdigest(), OnnxRuntimeBackend())
+    engine = Store(cfg.parent / "state").engine_path(key)
+    engine.parent.mkdir(parents=True, exist_ok=True)
+    engine.write_bytes(b"not an engine")
+    enginecache.write_sidecar(engine, enginecache.describe(engine, key, "onnxruntime", "?", "go2-01", 0.0))
+    fleet.start_agent(cfg)
+    fleet.publish(model, "v1")
+    fleet.wait_active(cfg, "v1")
+    wait_for(lambda: build_events(fleet), 20, "engine_built event")
+    assert [e["engine_key"] for e in build_events(fleet)] == [key]
+    assert enginecache.problem(engine, key) is None and engine.read_bytes() != b"not an engine"
+    log = (cfg.parent / "agent.log").read_text()
+    assert f"engine {key} does not load" in log and "rebuilding it" in log

@@ -16,7 +16,8 @@ import pytest
 from agent import wire
 from agent.client import Policy
 from agent.engines.onnxruntime import OnnxRuntimeBackend
-from agent.worker import EngineWorker, HandOverRefused, Identity, WorkerFailed, WorkerPool
+from agent.errors import RejectedModel
+from agent.worker import EngineWorker, GateEngine, HandOverRefused, Identity, WorkerFailed, WorkerPool
 from tests.models import mlp
 
 
@@ -162,3 +163,24 @@ def test_the_pool_closes_every_process_it_started(tmp_path: Path) -> None:
     assert serving.proc.is_alive() and spare.proc.is_alive()  # the spare waits for the next model
     pool.close()
     assert not serving.proc.is_alive() and not spare.proc.is_alive()
+
+
+def test_the_gate_runs_in_the_candidates_process(
+    workers: tuple[EngineWorker, EngineWorker, socket.socket], tmp_path: Path
+) -> None:
+    """The daemon loads no engine: the gate's calls run in the candidate's serving process and give
+    what the same engine gives here; its latency is timed there; one that serves refuses them."""
+    a, b, _ = workers
+    feed = {"obs": np.random.default_rng(0).standard_normal((1, 48)).astype(np.float32)}
+    local = OnnxRuntimeBackend().load(tmp_path / "b.engine")
+    gate = GateEngine(b)
+    assert gate.inputs == local.inputs and gate.outputs == local.outputs
+    np.testing.assert_array_equal(gate.run(feed)["actions"], local.run(feed)["actions"])
+    times = gate.time_calls(feed, 50)
+    assert len(times) == 50 and all(0 < t < 1e6 for t in times)
+    with pytest.raises(RejectedModel, match="the gate runs before the swap"):
+        GateEngine(a).run(feed)  # a holds the listener
+    os.kill(b.pid, signal.SIGKILL)
+    b.proc.join(5)
+    with pytest.raises(RejectedModel, match="serving process failed during the gate: .*SIGKILL"):
+        gate.run(feed)

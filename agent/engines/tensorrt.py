@@ -2,12 +2,12 @@
 
 Only the name-based I/O API is used (`num_io_tensors`, `set_input_shape`, `set_tensor_address`,
 `execute_async_v3`), which TensorRT 8.6 and 10.x both have. `build` runs in the build child process
-(agent.build); `load` and `run` run in the daemon for the gate, and in a serving process
-(agent.worker), which loads its own copy and answers the clients with it.
+(agent.build); `load` and `run` run in a serving process (agent.worker), which answers the gate's
+calls and then the clients with the same engine; the daemon never loads one.
 
 Threads: a CUDA context is current in one thread at a time, and an execution context is not
-thread-safe. The agent runs an engine on one thread at a time (the daemon's pipeline thread for the
-gate; the one thread of a serving process), so each engine makes the device's primary context
+thread-safe. The agent runs an engine on one thread only (the one thread of a serving process,
+which also answers the gate's calls), so each engine makes the device's primary context
 current on the calling thread the first time that thread uses it, and leaves it there: no push/pop
 per call.
 
