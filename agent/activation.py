@@ -1,7 +1,8 @@
 """Activation: the swap, the post-activation watch with its automatic rollback, the operator's
 commands (activate, rollback, pin, unpin) and the retention of stored models and engines.
 
-Runs on the coordinator thread only. The swap itself is a hand-over of the clients between two
+Runs on the coordinator thread, except `load_for` (an operator command's load, on its own thread).
+The swap itself is a hand-over of the clients between two
 serving processes (agent.serve); the replaced one stays loaded during the watch, so a rollback is a
 swap too."""
 
@@ -30,6 +31,15 @@ IDLE_CHECK_S = 0.5
 RESTART_EVERY_S = 5.0
 Emit = Callable[..., None]
 PIN_MARK = "pin"
+
+
+@dataclass(frozen=True)
+class OperatorJob:
+    """`agent rollback/activate/pin` whose model must be loaded before the swap."""
+
+    cmd: str  # "rollback", "activate" or "pin"
+    target: ModelRecord
+    reason: str  # for the target's transition to active
 
 
 @dataclass
@@ -242,34 +252,60 @@ class Activation:
                 log.info("watch of %s ended: %s", w.version, why)
 
     # -- operator commands -------------------------------------------------------------------------
-    def rollback_to_previous(self) -> ModelRecord:
+    # Each is begun on the coordinator (checks, and the swap when the model is loaded already), its
+    # model loaded off it (load_for: a stored engine may need building first, e.g. after a TensorRT
+    # upgrade, which would hold the coordinator for minutes and the watchdog would end the daemon),
+    # and finished on it again.
+    def begin(self, cmd: str, version: str | None) -> ModelRecord | OperatorJob:
+        """A done command's active record, or the job that must load its model first."""
+        if cmd == "rollback":
+            return self._begin_rollback()
+        assert version is not None
+        rec = self._find(version)
+        reason = "activated by the operator" if cmd == "activate" else f"pinned by the operator (`agent pin {version}`)"
+        active = self.store.active()
+        if active is not None and active.id == rec.id:
+            return self._finish_pin(rec) if cmd == "pin" else rec
+        return OperatorJob(cmd, rec, reason)
+
+    def _begin_rollback(self) -> ModelRecord | OperatorJob:
         active = self.store.active()
         target = next((r for r in self._stored_history() if active is None or r.sha256 != active.sha256), None)
         if target is None:
             raise AgentError("no previous model is stored on this device to roll back to")
+        job = OperatorJob("rollback", target, "restored by the operator (`agent rollback`)")
         if self.watch is not None and self.watch.previous_id == target.id and self.watch.previous is not None:
             served, self.watch.previous = self.watch.previous, None
-        else:
-            served = self._load_stored(target)
+            return self.finish(job, served)
+        return job
+
+    def load_for(self, job: OperatorJob) -> ServedModel:
+        """Off the coordinator: the job's model in a serving process (its engine built if need be)."""
+        rec = job.target
+        path = self.pipeline.stored_engine(rec.sha256)
+        return self.server.load(path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
+
+    def finish(self, job: OperatorJob, served: ServedModel) -> ModelRecord:
+        rec = self.store.get(job.target.id)
+        self._note_engine_key(rec)
+        if job.cmd != "rollback":
+            self.activate(rec, served, job.reason)
+            return self._finish_pin(rec) if job.cmd == "pin" else self.store.get(rec.id)
+        active = self.store.active()
         self._end_watch("rolled back by the operator")
-        self.server.swap(served)
+        try:
+            self.server.swap(served)
+        except (HandOverRefused, WorkerFailed) as err:
+            self.server.release(served)
+            raise AgentError(f"{rec.version} was not swapped in: {err}") from err
         if active is not None:
             self.transition(active, ModelState.ROLLED_BACK, "rolled back by the operator (`agent rollback`)")
-        return self.transition(target, ModelState.ACTIVE, "restored by the operator (`agent rollback`)")
+        return self.transition(rec, ModelState.ACTIVE, job.reason)
 
-    def activate_version(self, version: str, reason: str) -> ModelRecord:
-        rec = self._find(version)
-        active = self.store.active()
-        if active is not None and active.id == rec.id:
-            return rec
-        self.activate(rec, self._load_stored(rec), reason)
+    def _finish_pin(self, rec: ModelRecord) -> ModelRecord:
+        self.store.set_mark(PIN_MARK, rec.version)
+        self.emit("pinned", version=rec.version)
         return self.store.get(rec.id)
-
-    def pin(self, version: str) -> ModelRecord:
-        rec = self.activate_version(version, f"pinned by the operator (`agent pin {version}`)")
-        self.store.set_mark(PIN_MARK, version)
-        self.emit("pinned", version=version)
-        return rec
 
     def unpin(self) -> str | None:
         was = self.pinned
@@ -303,11 +339,15 @@ class Activation:
         return [r for r in recs if self.store.model_path(r.sha256).exists()]
 
     def _load_stored(self, rec: ModelRecord) -> ServedModel:
-        path = self.pipeline.stored_engine(rec.sha256)
+        """On the coordinator, for a serving process that died: the model's engine is kept with it."""
+        served = self.load_for(OperatorJob("restore", rec, ""))
+        self._note_engine_key(rec)
+        return served
+
+    def _note_engine_key(self, rec: ModelRecord) -> None:
         key = engine_key(rec.sha256, self.backend)
         if rec.engine_key != key:
             self.store.set_engine_key(rec, key)
-        return self.server.load(path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
 
     # -- retention ---------------------------------------------------------------------------------
     def collect_garbage(self) -> None:

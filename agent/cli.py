@@ -96,9 +96,10 @@ def cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
 
 def _ask(cfg: AgentConfig, request: dict[str, Any], payload: Path | None = None) -> dict[str, Any]:
-    from agent.control import call
+    from agent.control import LOAD_REPLY_TIMEOUT_S, LOADING_COMMANDS, call
 
-    reply = call(cfg.control_path, request, payload)
+    timeout = LOAD_REPLY_TIMEOUT_S + 5 if request["cmd"] in LOADING_COMMANDS else 60.0
+    reply = call(cfg.control_path, request, payload, timeout=timeout)
     if not reply.get("ok"):
         raise AgentError(str(reply.get("error", "the daemon refused the request")))
     return reply
@@ -148,6 +149,8 @@ def format_status(s: dict[str, Any]) -> str:
         )
     if s["pinned"]:
         lines.append(f"  pinned    to {s['pinned']}: not following the channel (`agent unpin`)")
+    if s.get("operator"):
+        lines.append(f"  operator  `agent {s['operator']['cmd']}`: loading {s['operator']['version']}")
     if s["staged"]:
         lines.append(f"  staged    {', '.join(s['staged'])} (`agent activate VERSION`)")
     if r:

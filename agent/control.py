@@ -23,6 +23,10 @@ from agent.peercred import Authority, peer_of
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT_S = 30.0
+# `agent rollback/activate/pin` are answered once the model serves; a stored model's engine may
+# need building first (after a TensorRT upgrade): minutes.
+LOAD_REPLY_TIMEOUT_S = 1800.0
+LOADING_COMMANDS = ("rollback", "activate", "pin")
 DEBUG_HANG_ENV = "EDGE_AGENT_DEBUG_HANG"  # "1" enables the `debug-hang` request (tests only)
 
 
@@ -113,10 +117,14 @@ class ControlServer:
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         reply: queue.Queue[dict[str, Any]] = queue.Queue(1)
         self.events.put(("control", request, reply))
+        wait = LOAD_REPLY_TIMEOUT_S if request["cmd"] in LOADING_COMMANDS else REPLY_TIMEOUT_S
         try:
-            return reply.get(timeout=REPLY_TIMEOUT_S)
+            return reply.get(timeout=wait)
         except queue.Empty:
-            return {"ok": False, "error": f"the daemon did not answer within {REPLY_TIMEOUT_S:.0f} s"}
+            return {
+                "ok": False,
+                "error": f"the daemon did not answer within {wait:.0f} s (`agent status` shows its state)",
+            }
 
 
 def call(path: Path, request: dict[str, Any], payload: Path | None = None, timeout: float = 60.0) -> dict[str, Any]:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, enginecache
-from agent.activation import Activation, IdlePolicy
+from agent.activation import Activation, IdlePolicy, OperatorJob
 from agent.build import protect_daemon
 from agent.config import AgentConfig
+from agent.control import LOADING_COMMANDS, ControlServer
 from agent.digest import sha256_file
 from agent.engines import Backend, engine_key, select_backend
 from agent.errors import AgentError, ProtocolError, RejectedModel
@@ -70,6 +71,8 @@ class Daemon:
             lambda kind, fields: self.events.put(("emit", kind, fields)),
         )
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        self.operator_thread = ThreadPoolExecutor(1, thread_name_prefix="operator")
+        self.operator_job: OperatorJob | None = None  # loading for `agent rollback/activate/pin`
         self.activation = Activation(
             cfg,
             self.store,
@@ -82,7 +85,6 @@ class Daemon:
             self._idle_policy(),
         )
         self.behavioural: list[BehaviouralCheck] = self._behaviour_checks()
-        from agent.control import ControlServer
         from agent.service import Service
 
         self.control = ControlServer(cfg.control_path, cfg.state_dir / "incoming", self.events, Service.authority(cfg))
@@ -145,6 +147,7 @@ class Daemon:
         self.control.stop()
         self.link.stop(self.topics.status(self.cfg.device_id), encode(self._offline_status()))
         self.worker.shutdown(wait=True, cancel_futures=True)
+        self.operator_thread.shutdown(wait=True, cancel_futures=True)
         self.activation.release_parked()
         self.server.stop()
         self.store.close()
@@ -172,7 +175,8 @@ class Daemon:
             "build-progress": self._on_build_progress,
             "emit": lambda kind, fields: self.emit(kind, **fields),
             "pipeline-done": self._on_pipeline_done,
-            "control": lambda request, reply: reply.put(self._on_control(request)),
+            "control": self._on_control_request,
+            "operator-loaded": self._on_operator_loaded,
             "tick": lambda: None,
         }
 
@@ -373,6 +377,56 @@ class Daemon:
             self._schedule(Candidate(rec.id, rec.manifest, rec.source))
 
     # -- local deploy and other control requests --------------------------------------------------
+    def _on_control_request(self, req: dict[str, Any], reply: queue.Queue[dict[str, Any]]) -> None:
+        if req.get("cmd") in LOADING_COMMANDS:
+            self._operator(req, reply)
+        else:
+            reply.put(self._on_control(req))
+
+    def _operator(self, req: dict[str, Any], reply: queue.Queue[dict[str, Any]]) -> None:
+        """`agent rollback/activate/pin`: answered when the model serves. A model that must be
+        loaded (or its engine built) first loads on the operator thread; the coordinator goes on."""
+        busy = self.operator_job
+        if busy is not None:
+            reply.put(
+                {"ok": False, "error": f"busy: `agent {busy.cmd}` is loading {busy.target.version}; try again after"}
+            )
+            return
+        version = str(req["version"]) if "version" in req else None
+        try:
+            step = self.activation.begin(str(req["cmd"]), version)
+        except AgentError as err:
+            reply.put({"ok": False, "error": str(err)})
+            return
+        if isinstance(step, ModelRecord):
+            reply.put({"ok": True, "version": step.version})
+            return
+        self.operator_job = step
+        log.info("`agent %s`: loading %s", step.cmd, step.target.version)
+        self.operator_thread.submit(self._load_for_operator, step, reply)
+
+    def _load_for_operator(self, job: OperatorJob, reply: queue.Queue[dict[str, Any]]) -> None:
+        """Runs on the operator thread."""
+        try:
+            self.events.put(("operator-loaded", job, self.activation.load_for(job), "", reply))
+        except Exception as err:
+            self.events.put(("operator-loaded", job, None, f"{type(err).__name__}: {err}", reply))
+
+    def _on_operator_loaded(
+        self, job: OperatorJob, served: ServedModel | None, error: str, reply: queue.Queue[dict[str, Any]]
+    ) -> None:
+        self.operator_job = None
+        if served is None:
+            log.error("`agent %s`: %s does not load: %s", job.cmd, job.target.version, error)
+            reply.put({"ok": False, "error": f"{job.target.version} does not load: {error}"})
+            return
+        try:
+            rec = self.activation.finish(job, served)
+        except AgentError as err:
+            reply.put({"ok": False, "error": str(err)})
+            return
+        reply.put({"ok": True, "version": rec.version})
+
     def _on_control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         try:
@@ -380,13 +434,6 @@ class Daemon:
                 return {"ok": True, "status": self.status.build()}
             if cmd == "deploy":
                 return self._deploy(Path(req["path"]), str(req.get("version") or ""), _deploy_extra(req))
-            if cmd == "rollback":
-                return {"ok": True, "version": self.activation.rollback_to_previous().version}
-            if cmd == "activate":
-                rec = self.activation.activate_version(str(req["version"]), "activated by the operator")
-                return {"ok": True, "version": rec.version}
-            if cmd == "pin":
-                return {"ok": True, "version": self.activation.pin(str(req["version"])).version}
             if cmd == "unpin":
                 return self._unpin()
         except AgentError as err:

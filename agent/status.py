@@ -76,6 +76,9 @@ class StatusBuilder:
             "activation": d.cfg.activation,
             "staged": staged,
             "pinned": d.activation.pinned,
+            "operator": None
+            if d.operator_job is None
+            else {"cmd": d.operator_job.cmd, "version": d.operator_job.target.version},
             "deferred": (d.store.mark(f"deferred:{d.cfg.channel}") or {}).get("manifest", {}).get("version"),
             "watch": None if watch is None else watch.to_json(d.server.stats, d.cfg.watch.window_s),
             "latency_last_minute": {"count": minute.count, "p50_us": minute.p50_us, "p99_us": minute.p99_us},

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agent.client import Policy
-from tests.conftest import Fleet, mlp, wait_for
+from tests.conftest import Fleet, bin_path, mlp, s3_env, wait_for
 from tests.models import mlp_weights, nan_when_triggered, numpy_forward
+from tests.test_engine_daemon import build_child
 
 pytestmark = pytest.mark.integration
 
@@ -145,6 +148,48 @@ def test_manual_policy_activate_rollback_pin_unpin(fleet: Fleet, tmp_path: Path)
     fleet.agent(cfg, "unpin")
     wait_for(lambda: fleet.status(cfg)["staged"] == ["v3"], 30, "v3 staged after unpin")
     assert fleet.status(cfg)["pinned"] is None
+
+
+def test_a_rollback_that_must_build_its_engine_leaves_the_daemon_answering(fleet: Fleet, tmp_path: Path) -> None:
+    """`agent rollback` to a model whose engine is gone (a TensorRT upgrade changes every key) builds
+    it first, off the coordinator: `agent status` answers meanwhile (and systemd's watchdog keeps
+    being fed), a second operator command is told it is busy, and the rollback completes."""
+    cfg = fleet.agent_config("go2-opb", extra="[watch]\nwindow_s = 0.5\n")
+    agent = fleet.start_agent(cfg)
+    for i, v in enumerate(("v1", "v2"), 1):
+        fleet.publish(mlp(tmp_path / f"{v}.onnx", seed=i), v)
+        fleet.wait_active(cfg, v)
+        wait_for(lambda: fleet.status(cfg)["watch"] is None, 20, "watch over")
+    models = json.loads(fleet.agent(cfg, "models", "--json").stdout)
+    key = next(m["engine_key"] for m in models if m["version"] == "v1")
+    engine = cfg.parent / "state" / "engines" / key
+    engine.unlink()
+    rollback = subprocess.Popen(
+        [bin_path("agent"), "--config", str(cfg), "rollback"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **s3_env()},
+    )
+    try:
+        child = build_child(agent)
+        os.kill(child, signal.SIGSTOP)  # the build holds still: the daemon must not
+        t0 = time.monotonic()
+        status = fleet.status(cfg)
+        assert time.monotonic() - t0 < 10 and status["active"]["version"] == "v2"
+        assert status["operator"] == {"cmd": "rollback", "version": "v1"}
+        assert "operator  `agent rollback`: loading v1" in fleet.agent(cfg, "status").stdout
+        busy = fleet.agent(cfg, "activate", "v2", check=False)
+        assert busy.returncode == 2 and "busy: `agent rollback` is loading v1" in busy.stderr
+        assert rollback.poll() is None
+        os.kill(child, signal.SIGCONT)
+        out, err = rollback.communicate(timeout=60)
+    finally:
+        if rollback.poll() is None:
+            rollback.kill()
+    assert rollback.returncode == 0, err
+    assert out.strip() == "active: v1" and fleet.status(cfg)["active"]["version"] == "v1"
+    assert engine.exists()
 
 
 def test_fleet_rollback_reaches_the_device_even_when_not_stored(fleet: Fleet, tmp_path: Path) -> None:
