@@ -288,10 +288,13 @@ class Activation:
     def finish(self, job: OperatorJob, served: ServedModel) -> ModelRecord:
         rec = self.store.get(job.target.id)
         self._note_engine_key(rec)
+        active = self.store.active()
+        if active is not None and active.id == rec.id:  # it became active while it loaded (a watch's rollback)
+            self.server.release(served)
+            return self._finish_pin(rec) if job.cmd == "pin" else rec
         if job.cmd != "rollback":
             self.activate(rec, served, job.reason)
             return self._finish_pin(rec) if job.cmd == "pin" else self.store.get(rec.id)
-        active = self.store.active()
         self._end_watch("rolled back by the operator")
         try:
             self.server.swap(served)
