@@ -4,6 +4,7 @@ rejection for a policy that does not walk."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from tests.test_go2_walk import start_controller, start_sim
 pytestmark = pytest.mark.integration
 
 
-def _walking(fleet: Fleet, tmp_path: Path, *, lockstep: bool = True, sim_args: tuple[str, ...] = ()) -> Path:
+def _walking(
+    fleet: Fleet, tmp_path: Path, *, lockstep: bool = True, sim_args: tuple[str, ...] = (), extra: str = ""
+) -> Path:
     data = go2_data()
-    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data, lockstep=lockstep, gate=False))
+    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data, lockstep=lockstep, gate=False, extra=extra))
     fleet.start_agent(cfg)
     model = variant(data / "policy" / "robot_lab.onnx", tmp_path / "v1.onnx", "v1")
     fleet.publish(model, "v1", "--deploy-config", str(PRESETS / "robot_lab.toml"))
@@ -65,15 +68,19 @@ def test_agent_gone_holds_then_damps(fleet: Fleet, tmp_path: Path) -> None:
 
 
 def test_stale_lowstate_damps_and_sigterm_is_clean(fleet: Fleet, tmp_path: Path) -> None:
+    """Against the real-time simulator (wall clock, not lockstep), so the robot only stands: walking
+    in real time on a loaded 2-core CI machine fell over (a target fault damped first), and that is
+    not what this test is about. The simulator dies by SIGKILL, like a board that loses power."""
     need_stack()
-    cfg = _walking(fleet, tmp_path, lockstep=False)
+    cfg = _walking(fleet, tmp_path, lockstep=False, extra="soft_start_s = 600\n")
     arm(cfg)
-    wait_mode(cfg, "walk", 120)
+    wait_mode(cfg, "soft_start", 120)
     time.sleep(2)
     print(f"\n500 Hz loop period against the real-time simulator: {controller_status(cfg)['loop_period']}")
+    assert controller_status(cfg)["mode"] == "soft_start"
     sim = fleet.procs[-2]
     t0 = time.monotonic()
-    stop(sim)
+    stop(sim, signal.SIGKILL)
     damp = wait_mode(cfg, "damp", 30)
     print(f"\ndamping {time.monotonic() - t0:.2f} s after the simulator stopped: {damp['reason']}")
     assert damp["reason"].startswith("lowstate stale")
