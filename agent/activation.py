@@ -17,7 +17,7 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.engines import Backend, engine_key
 from agent.errors import AgentError
-from agent.lifecycle import ModelState
+from agent.lifecycle import ALLOWED, ModelState
 from agent.pipeline import Pipeline
 from agent.serve import InferenceServer, ServedModel, SwapStats
 from agent.store import ModelRecord, Store
@@ -40,6 +40,7 @@ class OperatorJob:
     cmd: str  # "rollback", "activate" or "pin"
     target: ModelRecord
     reason: str  # for the target's transition to active
+    active_id: int | None  # the active model when it was asked: finish refuses if that changed
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Activation:
         self.watch: Watch | None = None
         self.parked: tuple[int, ServedModel] | None = None  # passed the gate, loaded, waiting for idle
         self.parked_why = ""
+        self.loading: OperatorJob | None = None  # an operator command's model, loading off the coordinator
         self._next_idle_check = 0.0
         self._next_restart = 0.0
 
@@ -150,17 +152,20 @@ class Activation:
         previous_rec = self.store.active()
         baseline = self._served_p99()
         self._end_watch("replaced before its watch ended")
-        try:
-            previous = self.server.swap(served, keep_previous=True)
-        except (HandOverRefused, WorkerFailed) as err:  # its serving process ended while it waited
-            self.server.release(served)
-            raise AgentError(f"{rec.version} was not swapped in: {err}") from err
+        previous = self._swap(rec, served, keep_previous=True)
         self.transition(rec, ModelState.ACTIVE, reason)
         if previous_rec is not None and previous_rec.id != rec.id:
             self.transition(previous_rec, ModelState.RETIRED, f"replaced by {rec.version}")
         self.watch = Watch(
             rec.id, rec.version, previous_rec.id if previous_rec else None, previous, time.monotonic(), baseline
         )
+
+    def _swap(self, rec: ModelRecord, served: ServedModel, keep_previous: bool) -> ServedModel | None:
+        try:
+            return self.server.swap(served, keep_previous=keep_previous)
+        except (HandOverRefused, WorkerFailed) as err:  # its serving process ended while it waited
+            self.server.release(served)
+            raise AgentError(f"{rec.version} was not swapped in: {err}") from err
 
     def _served_p99(self) -> int | None:
         summary = self.server.stats.latency.last_minute()
@@ -255,29 +260,50 @@ class Activation:
     # Each is begun on the coordinator (checks, and the swap when the model is loaded already), its
     # model loaded off it (load_for: a stored engine may need building first, e.g. after a TensorRT
     # upgrade, which would hold the coordinator for minutes and the watchdog would end the daemon),
-    # and finished on it again.
+    # and finished on it again, or abandoned. `loading` is the job in flight (one at a time).
     def begin(self, cmd: str, version: str | None) -> ModelRecord | OperatorJob:
         """A done command's active record, or the job that must load its model first."""
+        if self.loading is not None:
+            raise AgentError(
+                f"busy: `agent {self.loading.cmd}` is loading {self.loading.target.version}; try again after"
+            )
+        active = self.store.active()
         if cmd == "rollback":
-            return self._begin_rollback()
-        assert version is not None
-        rec = self._find(version)
-        reason = "activated by the operator" if cmd == "activate" else f"pinned by the operator (`agent pin {version}`)"
-        active = self.store.active()
+            rec = self._rollback_target(active)
+            reason = "restored by the operator (`agent rollback`)"
+        elif version:
+            rec = self._find(version)
+            reason = (
+                "activated by the operator" if cmd == "activate" else f"pinned by the operator (`agent pin {version}`)"
+            )
+        else:
+            raise AgentError(f"`agent {cmd}` needs a version")
+        job = OperatorJob(cmd, rec, reason, active.id if active else None)
+        at_hand = self._loaded(rec)
+        if at_hand is not None:
+            return self.finish(job, at_hand)
         if active is not None and active.id == rec.id:
-            return self._finish_pin(rec) if cmd == "pin" else rec
-        return OperatorJob(cmd, rec, reason)
+            return self._done(job, rec)
+        self.loading = job
+        return job
 
-    def _begin_rollback(self) -> ModelRecord | OperatorJob:
-        active = self.store.active()
+    def _rollback_target(self, active: ModelRecord | None) -> ModelRecord:
         target = next((r for r in self._stored_history() if active is None or r.sha256 != active.sha256), None)
         if target is None:
             raise AgentError("no previous model is stored on this device to roll back to")
-        job = OperatorJob("rollback", target, "restored by the operator (`agent rollback`)")
-        if self.watch is not None and self.watch.previous_id == target.id and self.watch.previous is not None:
-            served, self.watch.previous = self.watch.previous, None
-            return self.finish(job, served)
-        return job
+        return target
+
+    def _loaded(self, rec: ModelRecord) -> ServedModel | None:
+        """The record's model when a serving process holds it already (the watch's previous one, or
+        the one parked for when-idle), taken from there."""
+        w = self.watch
+        if w is not None and w.previous_id == rec.id and w.previous is not None:
+            served, w.previous = w.previous, None
+            return served
+        if self.parked is not None and self.parked[0] == rec.id:
+            served, self.parked = self.parked[1], None
+            return served
+        return None
 
     def load_for(self, job: OperatorJob) -> ServedModel:
         """Off the coordinator: the job's model in a serving process (its engine built if need be)."""
@@ -285,29 +311,37 @@ class Activation:
         path = self.pipeline.stored_engine(rec.sha256)
         return self.server.load(path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
 
+    def abandon(self, job: OperatorJob) -> None:
+        if self.loading is job:
+            self.loading = None
+
     def finish(self, job: OperatorJob, served: ServedModel) -> ModelRecord:
+        """Swap the loaded model in, unless what it was asked against changed while it loaded."""
+        self.abandon(job)
         rec = self.store.get(job.target.id)
         self._note_engine_key(rec)
         active = self.store.active()
-        if active is not None and active.id == rec.id:  # it became active while it loaded (a watch's rollback)
+        if active is not None and active.id == rec.id:  # it became active meanwhile (a watch's rollback)
             self.server.release(served)
-            return self._finish_pin(rec) if job.cmd == "pin" else rec
+            return self._done(job, rec)
+        changed = (active.id if active else None) != job.active_id
+        if changed or ModelState.ACTIVE not in ALLOWED[rec.state]:
+            self.server.release(served)
+            now = f"{active.version} became active" if changed and active else f"{rec.version} is {rec.state.value}"
+            raise AgentError(f"`agent {job.cmd}` not done: {now} while {rec.version} loaded; run it again")
         if job.cmd != "rollback":
             self.activate(rec, served, job.reason)
-            return self._finish_pin(rec) if job.cmd == "pin" else self.store.get(rec.id)
+            return self._done(job, rec)
         self._end_watch("rolled back by the operator")
-        try:
-            self.server.swap(served)
-        except (HandOverRefused, WorkerFailed) as err:
-            self.server.release(served)
-            raise AgentError(f"{rec.version} was not swapped in: {err}") from err
+        self._swap(rec, served, keep_previous=False)
         if active is not None:
             self.transition(active, ModelState.ROLLED_BACK, "rolled back by the operator (`agent rollback`)")
         return self.transition(rec, ModelState.ACTIVE, job.reason)
 
-    def _finish_pin(self, rec: ModelRecord) -> ModelRecord:
-        self.store.set_mark(PIN_MARK, rec.version)
-        self.emit("pinned", version=rec.version)
+    def _done(self, job: OperatorJob, rec: ModelRecord) -> ModelRecord:
+        if job.cmd == "pin":
+            self.store.set_mark(PIN_MARK, rec.version)
+            self.emit("pinned", version=rec.version)
         return self.store.get(rec.id)
 
     def unpin(self) -> str | None:
@@ -343,7 +377,7 @@ class Activation:
 
     def _load_stored(self, rec: ModelRecord) -> ServedModel:
         """On the coordinator, for a serving process that died: the model's engine is kept with it."""
-        served = self.load_for(OperatorJob("restore", rec, ""))
+        served = self.load_for(OperatorJob("restore", rec, "", None))
         self._note_engine_key(rec)
         return served
 
@@ -361,6 +395,8 @@ class Activation:
         working = self.working_sha()
         if working:
             keep.add(working)
+        if self.loading is not None:
+            keep.add(self.loading.target.sha256)
         keys = {engine_key(sha, self.backend) for sha in keep}
         removed = 0
         for folder, keep_names in (

@@ -96,10 +96,9 @@ def cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
 
 def _ask(cfg: AgentConfig, request: dict[str, Any], payload: Path | None = None) -> dict[str, Any]:
-    from agent.control import LOAD_REPLY_TIMEOUT_S, LOADING_COMMANDS, call
+    from agent.control import call, reply_timeout
 
-    timeout = LOAD_REPLY_TIMEOUT_S + 5 if request["cmd"] in LOADING_COMMANDS else 60.0
-    reply = call(cfg.control_path, request, payload, timeout=timeout)
+    reply = call(cfg.control_path, request, payload, timeout=reply_timeout(request["cmd"]) + 30)
     if not reply.get("ok"):
         raise AgentError(str(reply.get("error", "the daemon refused the request")))
     return reply

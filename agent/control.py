@@ -27,6 +27,13 @@ REPLY_TIMEOUT_S = 30.0
 # need building first (after a TensorRT upgrade): minutes.
 LOAD_REPLY_TIMEOUT_S = 1800.0
 LOADING_COMMANDS = ("rollback", "activate", "pin")
+
+
+def reply_timeout(cmd: str) -> float:
+    """How long the daemon's answer to `cmd` may take."""
+    return LOAD_REPLY_TIMEOUT_S if cmd in LOADING_COMMANDS else REPLY_TIMEOUT_S
+
+
 DEBUG_HANG_ENV = "EDGE_AGENT_DEBUG_HANG"  # "1" enables the `debug-hang` request (tests only)
 
 
@@ -117,7 +124,7 @@ class ControlServer:
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         reply: queue.Queue[dict[str, Any]] = queue.Queue(1)
         self.events.put(("control", request, reply))
-        wait = LOAD_REPLY_TIMEOUT_S if request["cmd"] in LOADING_COMMANDS else REPLY_TIMEOUT_S
+        wait = reply_timeout(request["cmd"])
         try:
             return reply.get(timeout=wait)
         except queue.Empty:

@@ -72,7 +72,6 @@ class Daemon:
         )
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         self.operator_thread = ThreadPoolExecutor(1, thread_name_prefix="operator")
-        self.operator_job: OperatorJob | None = None  # loading for `agent rollback/activate/pin`
         self.activation = Activation(
             cfg,
             self.store,
@@ -378,21 +377,20 @@ class Daemon:
 
     # -- local deploy and other control requests --------------------------------------------------
     def _on_control_request(self, req: dict[str, Any], reply: queue.Queue[dict[str, Any]]) -> None:
-        if req.get("cmd") in LOADING_COMMANDS:
-            self._operator(req, reply)
-        else:
-            reply.put(self._on_control(req))
+        """Every request gets an answer: the CLI waits for it (for minutes, for a load)."""
+        try:
+            if req.get("cmd") in LOADING_COMMANDS:
+                self._operator(req, reply)
+            else:
+                reply.put(self._on_control(req))
+        except Exception as err:
+            log.exception("control request %r failed", req.get("cmd"))
+            reply.put({"ok": False, "error": f"internal error: {type(err).__name__}: {err}"})
 
     def _operator(self, req: dict[str, Any], reply: queue.Queue[dict[str, Any]]) -> None:
         """`agent rollback/activate/pin`: answered when the model serves. A model that must be
         loaded (or its engine built) first loads on the operator thread; the coordinator goes on."""
-        busy = self.operator_job
-        if busy is not None:
-            reply.put(
-                {"ok": False, "error": f"busy: `agent {busy.cmd}` is loading {busy.target.version}; try again after"}
-            )
-            return
-        version = str(req["version"]) if "version" in req else None
+        version = str(req["version"]) if req.get("version") else None
         try:
             step = self.activation.begin(str(req["cmd"]), version)
         except AgentError as err:
@@ -401,7 +399,6 @@ class Daemon:
         if isinstance(step, ModelRecord):
             reply.put({"ok": True, "version": step.version})
             return
-        self.operator_job = step
         log.info("`agent %s`: loading %s", step.cmd, step.target.version)
         self.operator_thread.submit(self._load_for_operator, step, reply)
 
@@ -415,14 +412,17 @@ class Daemon:
     def _on_operator_loaded(
         self, job: OperatorJob, served: ServedModel | None, error: str, reply: queue.Queue[dict[str, Any]]
     ) -> None:
-        self.operator_job = None
         if served is None:
+            self.activation.abandon(job)
             log.error("`agent %s`: %s does not load: %s", job.cmd, job.target.version, error)
             reply.put({"ok": False, "error": f"{job.target.version} does not load: {error}"})
             return
         try:
             rec = self.activation.finish(job, served)
-        except AgentError as err:
+        except Exception as err:
+            self.server.release(served)  # a no-op for the model in service
+            if not isinstance(err, AgentError):
+                log.exception("`agent %s` failed after loading %s", job.cmd, job.target.version)
             reply.put({"ok": False, "error": str(err)})
             return
         reply.put({"ok": True, "version": rec.version})

@@ -113,7 +113,9 @@ class Pipeline:
             notify=lambda _k, _f: None,
             cancelled=lambda: "the agent is stopping" if self.cancel.is_set() else None,
         )
-        return self.engines.obtain(sha256, model_path, quiet).path
+        got = self.engines.obtain(sha256, model_path, quiet)
+        self.engines.settle(got.key, passed=False)  # frees a fleet build lease; shared only after a gate
+        return got.path
 
     def _download(self, cand: Candidate, model_path: Path) -> Path | None:
         m = cand.manifest

@@ -75,22 +75,24 @@ def to_serving(pid: int, rt_priority: int, cpus: set[int] | None) -> None:
         try:
             os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(rt_priority))
             return
-        except OSError as err:
+        except OSError as err:  # allowed by the limit, refused anyway (a cgroup without an RT budget)
             log.info("serving process %d cannot run SCHED_FIFO %d (%s): nice %d", pid, rt_priority, err, SERVING_NICE)
-    try:  # out of the background class (needs the unit's LimitNICE, or CAP_SYS_NICE), then nice -5
-        os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
-    except OSError as err:
-        log.warning("serving process %d stays at background priority (%s)", pid, err)
-    renice(pid, SERVING_NICE)
+            _Background.policy = os.SCHED_IDLE  # what yields at once to a fair-class serving process
+    _fair(pid, SERVING_NICE)
 
 
 def to_foreground(pid: int) -> None:
     """The daemon's own class and nice for a process (a candidate while the gate times it)."""
+    _fair(pid, os.getpriority(os.PRIO_PROCESS, 0))
+
+
+def _fair(pid: int, nice: int) -> None:
+    """Out of the background class (needs the unit's LimitNICE, or CAP_SYS_NICE), at `nice`."""
     try:
         os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
     except OSError as err:
-        log.info("%d stays in the background (%s)", pid, err)
-    renice(pid, os.getpriority(os.PRIO_PROCESS, 0))
+        log.warning("%d stays in the background class (%s)", pid, err)
+    renice(pid, nice)
 
 
 def describe(pid: int) -> str:

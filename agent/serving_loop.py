@@ -175,7 +175,7 @@ class ServingLoop:
 
     # -- a spare process loads the next model --------------------------------------------------------
     def load_model(self, engine_path: str, identity: Identity) -> dict[str, Any]:
-        if self._conns or self._listener is not None:
+        if self._serving:
             return {"error": "this process is serving: hand its clients over first"}
         if self.load is None:
             return {"error": "this process has no backend"}
@@ -189,10 +189,14 @@ class ServingLoop:
         gc.freeze()  # what is loaded stays; a full collection never walks it while we serve
         return ready(self.engine)
 
+    @property
+    def _serving(self) -> bool:
+        return bool(self._conns) or self._listener is not None
+
     def _gate(self, msg: dict[str, Any]) -> dict[str, Any]:
         """The gate's calls on a loaded model that serves no one yet: outputs for some inputs
         ("run"), or each call's time, measured here where it will serve ("time")."""
-        if self._conns or self._listener is not None:
+        if self._serving:
             return {"error": "this process is serving: the gate runs before the swap"}
         if self.engine is None:
             return {"error": "no model loaded"}

@@ -77,8 +77,8 @@ class StatusBuilder:
             "staged": staged,
             "pinned": d.activation.pinned,
             "operator": None
-            if d.operator_job is None
-            else {"cmd": d.operator_job.cmd, "version": d.operator_job.target.version},
+            if d.activation.loading is None
+            else {"cmd": d.activation.loading.cmd, "version": d.activation.loading.target.version},
             "deferred": (d.store.mark(f"deferred:{d.cfg.channel}") or {}).get("manifest", {}).get("version"),
             "watch": None if watch is None else watch.to_json(d.server.stats, d.cfg.watch.window_s),
             "latency_last_minute": {"count": minute.count, "p50_us": minute.p50_us, "p99_us": minute.p99_us},

@@ -150,10 +150,14 @@ def test_manual_policy_activate_rollback_pin_unpin(fleet: Fleet, tmp_path: Path)
     assert fleet.status(cfg)["pinned"] is None
 
 
-def test_a_rollback_that_must_build_its_engine_leaves_the_daemon_answering(fleet: Fleet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("newer_meanwhile", [False, True], ids=["completes", "newer-model-meanwhile"])
+def test_a_rollback_that_must_build_its_engine_leaves_the_daemon_answering(
+    fleet: Fleet, tmp_path: Path, newer_meanwhile: bool
+) -> None:
     """`agent rollback` to a model whose engine is gone (a TensorRT upgrade changes every key) builds
     it first, off the coordinator: `agent status` answers meanwhile (and systemd's watchdog keeps
-    being fed), a second operator command is told it is busy, and the rollback completes."""
+    being fed), a second operator command is told it is busy, and the rollback completes; unless a
+    newer model became active meanwhile: then it is refused, and the newer one keeps serving."""
     cfg = fleet.agent_config("go2-opb", extra="[watch]\nwindow_s = 0.5\n")
     agent = fleet.start_agent(cfg)
     for i, v in enumerate(("v1", "v2"), 1):
@@ -182,11 +186,20 @@ def test_a_rollback_that_must_build_its_engine_leaves_the_daemon_answering(fleet
         busy = fleet.agent(cfg, "activate", "v2", check=False)
         assert busy.returncode == 2 and "busy: `agent rollback` is loading v1" in busy.stderr
         assert rollback.poll() is None
+        if newer_meanwhile:
+            fleet.publish(mlp(tmp_path / "v3.onnx", seed=3), "v3")
+            fleet.wait_active(cfg, "v3")
         os.kill(child, signal.SIGCONT)
         out, err = rollback.communicate(timeout=60)
     finally:
         if rollback.poll() is None:
             rollback.kill()
+    if newer_meanwhile:
+        assert rollback.returncode == 2 and "v3 became active while v1 loaded; run it again" in err
+        status = fleet.status(cfg)
+        assert status["active"]["version"] == "v3" and status["operator"] is None
+        assert fleet.agent(cfg, "rollback").stdout.strip() == "active: v2"  # the model before v3
+        return
     assert rollback.returncode == 0, err
     assert out.strip() == "active: v1" and fleet.status(cfg)["active"]["version"] == "v1"
     assert engine.exists()
