@@ -114,7 +114,8 @@ class Pipeline:
             cancelled=lambda: "the agent is stopping" if self.cancel.is_set() else None,
         )
         got = self.engines.obtain(sha256, model_path, quiet)
-        self.engines.settle(got.key, passed=False)  # frees a fleet build lease; shared only after a gate
+        if got.source == "built":
+            self.engines.settle(got.key, passed=False)  # frees its fleet build lease; shared only after a gate
         return got.path
 
     def _download(self, cand: Candidate, model_path: Path) -> Path | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,9 +51,21 @@ class Provisioner:
         self.device_id = device_id
         self._built: set[str] = set()  # keys built here and not yet settled
         self._leases: set[str] = set()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def obtain(self, model_sha256: str, model_path: Path, hooks: Hooks) -> Obtained:
+        """Thread-safe per key: the pipeline and an operator command that need the same engine
+        build it once (the second finds it in the cache), never into each other's file."""
         key = engine_key(model_sha256, self.backend)
+        with self._lock(key):
+            return self._obtain(key, model_path, hooks)
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def _obtain(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
         path = self.store.engine_path(key)
         why = enginecache.problem(path, key)
         if why is None:
@@ -68,8 +81,9 @@ class Provisioner:
 
     def rebuild(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
         """The engine passed its hash check but does not load: build it again, once."""
-        enginecache.discard(self.store.engine_path(key))
-        return self._build(key, model_path, hooks)
+        with self._lock(key):
+            enginecache.discard(self.store.engine_path(key))
+            return self._build(key, model_path, hooks)
 
     def settle(self, key: str, passed: bool) -> dict[str, Any]:
         """After the gate: share what we built if it passed; free the lease either way."""

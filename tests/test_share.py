@@ -141,3 +141,24 @@ def test_an_engine_shared_between_the_look_and_the_lease_is_used(tmp_path: Path,
     )
     assert (got.source, rec.builds, share.looks) == ("shared", 0, 2)
     assert f"engines/{got.key}/lease" not in keys(s3, bucket)  # the lease it took is freed
+
+
+def test_two_threads_that_need_the_same_engine_build_it_once(tmp_path: Path) -> None:
+    """The pipeline and an operator command (`agent rollback`) on one agent: one build, one cache hit."""
+    path = mlp(tmp_path / "m.onnx")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    provisioner = Provisioner(Store(tmp_path / "go2-01"), OnnxRuntimeBackend(), BuildConfig(), None, "go2-01")
+    recorders = [Recorder(), Recorder()]
+    sources: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def need(rec: Recorder) -> None:
+        barrier.wait()
+        sources.append(provisioner.obtain(sha, path, rec.hooks()).source)
+
+    threads = [threading.Thread(target=need, args=(r,)) for r in recorders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(sources) == ["built", "cache"] and sum(r.builds for r in recorders) == 1
