@@ -83,7 +83,6 @@ class StatusBuilder:
             "watch": None if watch is None else watch.to_json(d.server.stats, d.cfg.watch.window_s),
             "latency_last_minute": {"count": minute.count, "p50_us": minute.p50_us, "p99_us": minute.p99_us},
             "clients": d.server.clients,
-            "serving_pid": d.server.serving_pid,
             "serving": d.server.serving_info(),
             "requests": d.server.requests,
             "request_errors": d.server.errors,

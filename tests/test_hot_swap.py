@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,24 +96,27 @@ def test_a_crashed_serving_process_is_rolled_back_in_the_watch_and_restarted_aft
     fleet.wait_active(cfg, "v1")
     fleet.publish(mlp(tmp_path / "v2.onnx", seed=2), "v2")
     status = fleet.wait_active(cfg, "v2")
-    crashed = status["serving_pid"]
     serving = status["serving"]
-    assert serving["pid"] == crashed and serving["cpus"] and serving["scheduling"].startswith(("SCHED_FIFO", "nice"))
+    crashed = serving["pid"]
+    assert crashed and serving["cpus"] and serving["scheduling"].startswith(("SCHED_FIFO", "nice"))
     assert f"serving   process {crashed}, {serving['scheduling']}" in fleet.agent(cfg, "status").stdout
     os.kill(crashed, signal.SIGKILL)  # a runtime that segfaults takes its own process down
     status = fleet.wait_active(cfg, "v1", timeout=10)
     assert "the serving process was killed by signal 9" in status["last_rollback"]["reason"]
-    assert status["serving_pid"] not in (crashed, None)
+    assert status["serving"]["pid"] not in (crashed, None)
     with Policy(cfg.parent / "run" / "infer.sock") as policy:
         policy(np.zeros((1, 48), np.float32))
         assert policy.model_version == "v1"
 
     # Outside a watch there is nothing to roll back to: the same model comes back in a new process.
-    running = fleet.status(cfg)["serving_pid"]
+    running = fleet.status(cfg)["serving"]["pid"]
     os.kill(running, signal.SIGKILL)
-    restarted = wait_for(
-        lambda: (s := fleet.status(cfg))["serving_pid"] not in (running, None) and s, 15, "a new serving process"
-    )
+
+    def new_process() -> dict[str, Any] | None:
+        s = fleet.status(cfg)
+        return s if s["serving"] and s["serving"]["pid"] != running else None
+
+    restarted = wait_for(new_process, 15, "a new serving process")
     assert restarted["active"]["version"] == "v1"
     with Policy(cfg.parent / "run" / "infer.sock") as policy:
         policy(np.zeros((1, 48), np.float32))
