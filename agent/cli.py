@@ -219,9 +219,12 @@ def _wait_outcome(cfg: AgentConfig, model_id: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rec = store.get(model_id)
-        if rec.state.value in ("active", "staged", "rejected"):
+        # "staged" is an outcome only when the model waits there (manual policy, pinned); right
+        # after the gate it is the moment before the swap.
+        waits = rec.state.value == "staged" and rec.reason.startswith("waiting")
+        if rec.state.value in ("active", "rejected", "rolled_back") or waits:
             print(f"{rec.version}: {rec.state.value} ({rec.reason})")
-            return 0 if rec.state.value != "rejected" else 1
+            return 0 if rec.state.value in ("active", "staged") else 1
         time.sleep(0.1)
     print(f"still in progress after {timeout:.0f} s; see `agent status`")
     return 1

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,3 +48,25 @@ def test_outbox_is_bounded_and_ordered(tmp_path: Path) -> None:
     assert [p for _, _, p in rows] == [b"2", b"3", b"4"]
     store.outbox_done(rows[0][0])
     assert store.outbox_peek(10, {rows[1][0]})[0][2] == b"4" and store.outbox_size() == 2
+
+
+def test_deploy_wait_reads_staged_as_an_outcome_only_when_the_model_waits_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`agent deploy --wait`: right after the gate a model is staged for a moment before the swap
+    (it returned "staged" there once on CI); staged with "waiting: …" (manual policy, pinned) is final."""
+    from types import SimpleNamespace
+
+    from agent.cli import _wait_outcome
+
+    store = Store(tmp_path)
+    rec = store.add(manifest(), "walk", 3, "local", "deployed")
+    for state in (ModelState.VERIFIED, ModelState.BUILDING, ModelState.VALIDATING):
+        rec = store.set_state(rec, state, state.value)
+    rec = store.set_state(rec, ModelState.STAGED, "passed the gate")
+    cfg: Any = SimpleNamespace(state_dir=tmp_path)
+    assert _wait_outcome(cfg, rec.id, 0.3) == 1
+    assert "still in progress" in capsys.readouterr().out
+    store.set_state(rec, ModelState.STAGED, "waiting: activation policy is manual; `agent activate v1` to use it")
+    assert _wait_outcome(cfg, rec.id, 5) == 0
+    assert ": staged (waiting: activation policy is manual" in capsys.readouterr().out
