@@ -305,9 +305,8 @@ class Activation:
             return served
         return None
 
-    def load_for(self, job: OperatorJob) -> ServedModel:
-        """Off the coordinator: the job's model in a serving process (its engine built if need be)."""
-        rec = job.target
+    def load_for(self, rec: ModelRecord) -> ServedModel:
+        """Off the coordinator: a stored model in a serving process (its engine built if need be)."""
         path = self.pipeline.stored_engine(rec.sha256)
         return self.server.load(path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
 
@@ -377,7 +376,7 @@ class Activation:
 
     def _load_stored(self, rec: ModelRecord) -> ServedModel:
         """On the coordinator, for a serving process that died: the model's engine is kept with it."""
-        served = self.load_for(OperatorJob("restore", rec, "", None))
+        served = self.load_for(rec)
         self._note_engine_key(rec)
         return served
 

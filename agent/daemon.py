@@ -405,7 +405,7 @@ class Daemon:
     def _load_for_operator(self, job: OperatorJob, reply: queue.Queue[dict[str, Any]]) -> None:
         """Runs on the operator thread."""
         try:
-            self.events.put(("operator-loaded", job, self.activation.load_for(job), "", reply))
+            self.events.put(("operator-loaded", job, self.activation.load_for(job.target), "", reply))
         except Exception as err:
             self.events.put(("operator-loaded", job, None, f"{type(err).__name__}: {err}", reply))
 
@@ -419,11 +419,13 @@ class Daemon:
             return
         try:
             rec = self.activation.finish(job, served)
+        except AgentError as err:  # finish released what it did not swap in
+            reply.put({"ok": False, "error": str(err)})
+            return
         except Exception as err:
             self.server.release(served)  # a no-op for the model in service
-            if not isinstance(err, AgentError):
-                log.exception("`agent %s` failed after loading %s", job.cmd, job.target.version)
-            reply.put({"ok": False, "error": str(err)})
+            log.exception("`agent %s` failed after loading %s", job.cmd, job.target.version)
+            reply.put({"ok": False, "error": f"internal error: {err}"})
             return
         reply.put({"ok": True, "version": rec.version})
 

@@ -92,7 +92,11 @@ class WorkerPool:
         return worker
 
     def retire(self, worker: EngineWorker) -> None:
-        """A released model's process: kept as a spare (engine closed), else ended."""
+        """A released model's process: kept as a spare (engine closed), else ended. Releasing
+        one twice changes nothing."""
+        with self._lock:
+            if worker in self._spares or worker.closed:
+                return
         if self.backend is not None and worker.failure() is None:
             try:
                 worker.unload()

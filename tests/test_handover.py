@@ -160,7 +160,9 @@ def test_the_pool_closes_every_process_it_started(tmp_path: Path) -> None:
     serving = pool.start(engine, Identity("a", "sha-a", backend.name))
     spare = pool.start(engine, Identity("b", "sha-b", backend.name))
     pool.retire(spare)
-    assert serving.proc.is_alive() and spare.proc.is_alive()  # the spare waits for the next model
+    pool.retire(spare)  # released twice (an error path after a release): still the one spare
+    assert serving.proc.is_alive() and spare.proc.is_alive() and not spare.closed
+    assert pool.start(engine, Identity("c", "sha-c", backend.name)) is spare  # it loads the next model
     pool.close()
     assert not serving.proc.is_alive() and not spare.proc.is_alive()
 
