@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_doctor(config_file: Path, args: argparse.Namespace) -> int:
-    from agent import doctor
+    from agent.system import doctor
 
     checks = doctor.run_doctor(config_file)
     print(json.dumps(doctor.to_json(checks), indent=2) if args.json else doctor.format_text(checks))
@@ -88,15 +88,15 @@ def cmd_doctor(config_file: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_run(cfg: AgentConfig, args: argparse.Namespace) -> int:
-    from agent import logsetup
-    from agent.daemon import Daemon
+    from agent.coordinator.daemon import Daemon
+    from agent.proc import logsetup
 
     logsetup.setup(cfg.log_level)
     return Daemon(cfg, config_file=config_path(args.config)).run()
 
 
 def _ask(cfg: AgentConfig, request: dict[str, Any], payload: Path | None = None) -> dict[str, Any]:
-    from agent.control import call, reply_timeout
+    from agent.system.control import call, reply_timeout
 
     reply = call(cfg.control_path, request, payload, timeout=reply_timeout(request["cmd"]) + 30)
     if not reply.get("ok"):
@@ -171,7 +171,7 @@ def format_status(s: dict[str, Any]) -> str:
 
 
 def cmd_models(cfg: AgentConfig, args: argparse.Namespace) -> int:
-    from agent.store import Store
+    from agent.coordinator.store import Store
 
     db = cfg.state_dir / "agent.db"
     if not db.exists():
@@ -213,7 +213,7 @@ def _simple(cfg: AgentConfig, request: dict[str, Any], what: str) -> int:
 
 
 def _wait_outcome(cfg: AgentConfig, model_id: int, timeout: float) -> int:
-    from agent.store import Store
+    from agent.coordinator.store import Store
 
     store = Store(cfg.state_dir, readonly=True)
     deadline = time.monotonic() + timeout

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from agent import wire
 from agent.errors import AgentError
+from agent.serving import wire
 
 
 class InferenceError(AgentError):

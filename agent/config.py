@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+from agent.contract.protocol import DEFAULT_TOPIC_PREFIX
+from agent.contract.tomlconf import build, positive, read_toml
 from agent.errors import ConfigError
 from agent.go2.settings import Go2Config
-from agent.protocol import DEFAULT_TOPIC_PREFIX
-from agent.tomlconf import build, positive, read_toml
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
 SERIAL_PATHS = (Path("/proc/device-tree/serial-number"), Path("/sys/firmware/devicetree/base/serial-number"))
@@ -106,7 +106,7 @@ class SecurityConfig:
     socket_group: str | None = None  # chgrp the sockets (default: the service's primary group)
 
     def check(self) -> None:
-        from agent.signing import parse_public_key
+        from agent.contract.signing import parse_public_key
 
         for i, key in enumerate(self.trusted_keys):
             parse_public_key(key, f"security.trusted_keys[{i}]")
@@ -177,8 +177,8 @@ class AgentConfig:
     watch: WatchConfig = field(default_factory=WatchConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     inbox: InboxConfig = field(default_factory=InboxConfig)
-    build: BuildConfig = field(default_factory=BuildConfig)  # engine builds (agent/build.py)
-    share: ShareConfig = field(default_factory=ShareConfig)  # fleet engine sharing (agent/share.py)
+    build: BuildConfig = field(default_factory=BuildConfig)  # engine builds (agent/engines/build.py)
+    share: ShareConfig = field(default_factory=ShareConfig)  # fleet engine sharing (agent/engines/fleet_share.py)
     go2: Go2Config | None = None  # the Go2 controller and the sim gate (agent/go2)
 
     def check(self) -> None:

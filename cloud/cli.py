@@ -106,7 +106,7 @@ def _print_announcement(ann: Any) -> None:
 
 
 def cmd_keygen(_cfg: FleetConfig | None, args: argparse.Namespace) -> int:
-    from agent.signing import generate, key_id, public_b64
+    from agent.contract.signing import generate, key_id, public_b64
 
     public = generate(args.key)
     pub = public_b64(public)

@@ -10,9 +10,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from agent.contract.mqtt_client import client_for, host_port, session_properties
+from agent.contract.protocol import Topics, decode
 from agent.errors import ProtocolError
-from agent.mqtt import client_for, host_port, session_properties
-from agent.protocol import Topics, decode
 from cloud.config import FleetConfig
 from cloud.fleetdb import FleetDB
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import check_mqtt_url
+from agent.contract.protocol import DEFAULT_TOPIC_PREFIX
+from agent.contract.tomlconf import build, read_toml
 from agent.errors import ConfigError
-from agent.protocol import DEFAULT_TOPIC_PREFIX
-from agent.tomlconf import build, read_toml
 
 DEFAULT_PATH = Path("fleet.toml")
 

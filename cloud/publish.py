@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 from botocore.exceptions import ClientError
 
-from agent.digest import sha256_file
+from agent.contract.digest import sha256_file
+from agent.contract.mqtt_client import client_for, host_port
+from agent.contract.onnx_signature import check_onnx, signature
+from agent.contract.protocol import Announcement, Manifest, ObjectRef, Topics, encode
+from agent.delivery.s3_fetch import s3_client
 from agent.errors import AgentError, RejectedModel
-from agent.fetch import s3_client
-from agent.mqtt import client_for, host_port
-from agent.onnxinfo import check_onnx, signature
-from agent.protocol import Announcement, Manifest, ObjectRef, Topics, encode
 from cloud.config import FleetConfig
 
 
@@ -92,7 +92,7 @@ def announce(cfg: FleetConfig, s3: Any, channel: str, manifest: Manifest, sign_k
         channel=channel, sequence=max(last_seq + 1, int(time.time() * 1000)), issued_at=time.time(), manifest=manifest
     )
     if sign_key is not None:
-        from agent.signing import load_private, sign
+        from agent.contract.signing import load_private, sign
 
         ann = dataclasses.replace(ann, signature=sign(ann.to_json(), load_private(sign_key)))
     payload = encode(ann.to_json())

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 import onnxruntime as ort  # noqa: E402
 
 from agent.client import Policy  # noqa: E402
-from agent.mqtt import host_port, make_client  # noqa: E402
-from agent.protocol import Topics  # noqa: E402
+from agent.contract.mqtt_client import host_port, make_client  # noqa: E402
+from agent.contract.protocol import Topics  # noqa: E402
 from tests.models import mlp  # noqa: E402
 from tests.services import (  # noqa: E402
     Mosquitto,
@@ -233,7 +233,7 @@ def rss_mib(pid: int) -> float:
 
 
 def serving_pids(daemon: int) -> list[int]:
-    """The daemon's serving processes (agent.worker): the one in service and a spare."""
+    """The daemon's serving processes (agent.serving.process): the one in service and a spare."""
     kids = Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split()
     return [int(k) for k in kids if Path(f"/proc/{k}/comm").read_text().strip() == "edge-serve"]
 

@@ -29,9 +29,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.control import call  # noqa: E402
-from agent.fetch import s3_client  # noqa: E402
-from agent.protocol import Manifest  # noqa: E402
+from agent.contract.protocol import Manifest  # noqa: E402
+from agent.delivery.s3_fetch import s3_client  # noqa: E402
+from agent.system.control import call  # noqa: E402
 from cloud import config as fleet_config  # noqa: E402
 from cloud.publish import announce  # noqa: E402
 from scripts.bench_serving import round_trips  # noqa: E402

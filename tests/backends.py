@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.engines.onnxruntime import OnnxRuntimeBackend
-from agent.provision import Hooks
+from agent.engines.provisioner import Hooks
 
 
 class UpgradedOnnxRuntime(OnnxRuntimeBackend):

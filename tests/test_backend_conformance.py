@@ -11,9 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from agent.build import BuildConfig, BuildFailed, run_build
+from agent.contract.onnx_signature import check_onnx, signature
 from agent.engines import Backend, BackendUnavailable, Engine, engine_key
-from agent.onnxinfo import check_onnx, signature
+from agent.engines.build import BuildConfig, BuildFailed, run_build
 from tests.conftest import mlp
 
 # Polygraphy compares against ONNX Runtime with atol = rtol = 1e-5; FP16 engines need looser ones.

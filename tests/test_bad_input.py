@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.fetch import s3_client
-from agent.protocol import Announcement, Manifest, Topics, encode
+from agent.contract.protocol import Announcement, Manifest, Topics, encode
+from agent.delivery.s3_fetch import s3_client
 from cloud import config as fleet_config
 from cloud.publish import announce, send_retained
 from tests.conftest import Fleet, mlp, wait_for

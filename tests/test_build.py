@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import agent.build
-from agent.build import BuildCancelled, BuildConfig, BuildFailed, BuildInfo, exit_reason, run_build
+import agent.engines.build
+from agent.engines.build import BuildCancelled, BuildConfig, BuildFailed, BuildInfo, run_build
 from agent.engines.onnxruntime import OnnxRuntimeBackend
+from agent.proc.child import exit_reason
 from tests.backends import SegfaultingOnnxRuntime
 from tests.conftest import mlp
 
@@ -21,8 +22,8 @@ def never() -> str | None:
 
 
 def test_build_runs_in_a_fresh_spawned_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert agent.build.START_METHOD == "spawn"
-    monkeypatch.setattr(agent.build, "INHERITED_MARK", "parent")  # a forked child would see this
+    assert agent.engines.build.START_METHOD == "spawn"
+    monkeypatch.setattr(agent.engines.build, "INHERITED_MARK", "parent")  # a forked child would see this
     seen: list[tuple[int, str, str]] = []
     engine = tmp_path / "engine"
     seconds = run_build(
@@ -102,5 +103,5 @@ def test_a_crashing_build_is_reported_with_its_signal(tmp_path: Path) -> None:
 
 
 def test_exit_reasons_name_the_signal() -> None:
-    assert exit_reason(-11) == "the build process was killed by signal 11 (SIGSEGV)"
-    assert exit_reason(3) == "the build process exited with status 3 without a result"
+    assert exit_reason(-11, "the build process") == "the build process was killed by signal 11 (SIGSEGV)"
+    assert exit_reason(3, "the build process") == "the build process exited with status 3 without a result"

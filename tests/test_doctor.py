@@ -117,7 +117,7 @@ def test_invalid_config(tmp_path: Path) -> None:
 
 def test_scheduling_says_when_sched_fifo_is_not_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from agent import config as agent_config
-    from agent import doctor as doc
+    from agent.system import doctor as doc
 
     cfg = agent_config.load(config(tmp_path, "mqtt://127.0.0.1:1", "http://127.0.0.1:1"))
     monkeypatch.setattr(doc.os, "geteuid", lambda: 1000)

@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import enginecache
-from agent.build import BUILD_PROCESS_NAME
 from agent.client import Policy
-from agent.engines import engine_key
+from agent.coordinator.store import Store
+from agent.engines import cache, engine_key
+from agent.engines.build import BUILD_PROCESS_NAME
 from agent.engines.onnxruntime import OnnxRuntimeBackend
-from agent.store import Store
 from tests.conftest import Fleet, mlp, wait_for
 from tests.services import stop
 
@@ -195,12 +194,12 @@ def test_an_engine_that_hashes_right_but_does_not_load_is_rebuilt_once(fleet: Fl
     engine = Store(cfg.parent / "state").engine_path(key)
     engine.parent.mkdir(parents=True, exist_ok=True)
     engine.write_bytes(b"not an engine")
-    enginecache.write_sidecar(engine, enginecache.describe(engine, key, "onnxruntime", "?", "go2-01", 0.0))
+    cache.write_sidecar(engine, cache.describe(engine, key, "onnxruntime", "?", "go2-01", 0.0))
     fleet.start_agent(cfg)
     fleet.publish(model, "v1")
     fleet.wait_active(cfg, "v1")
     wait_for(lambda: build_events(fleet), 20, "engine_built event")
     assert [e["engine_key"] for e in build_events(fleet)] == [key]
-    assert enginecache.problem(engine, key) is None and engine.read_bytes() != b"not an engine"
+    assert cache.problem(engine, key) is None and engine.read_bytes() != b"not an engine"
     log = (cfg.parent / "agent.log").read_text()
     assert f"engine {key} does not load" in log and "rebuilding it" in log

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import enginecache
-from agent.build import BuildConfig
-from agent.engines import engine_key
+from agent.coordinator.store import Store
+from agent.engines import cache, engine_key
+from agent.engines.build import BuildConfig
 from agent.engines.onnxruntime import OnnxRuntimeBackend
-from agent.provision import Provisioner
-from agent.store import Store
+from agent.engines.provisioner import Provisioner
 from tests.backends import Recorder, UpgradedOnnxRuntime
 from tests.conftest import mlp
 
@@ -26,7 +25,13 @@ def model(tmp_path: Path) -> tuple[str, Path]:
 
 
 def provisioner(state: Path, backend: OnnxRuntimeBackend | None = None) -> Provisioner:
-    return Provisioner(Store(state), backend or OnnxRuntimeBackend(), BuildConfig(), None, "go2-01")
+    return Provisioner(
+        engines_dir=Store(state).engines_dir,
+        backend=backend or OnnxRuntimeBackend(),
+        cfg=BuildConfig(),
+        share=None,
+        device_id="go2-01",
+    )
 
 
 def test_second_start_builds_nothing(tmp_path: Path, model: tuple[str, Path]) -> None:
@@ -37,7 +42,7 @@ def test_second_start_builds_nothing(tmp_path: Path, model: tuple[str, Path]) ->
     again = provisioner(tmp_path / "state").obtain(sha, path, second.hooks())  # a new process would do this
     assert (again.source, again.key, second.builds, second.progress) == ("cache", got.key, 0, [])
     assert second.stages == [f"engine cache hit ({got.key})"]
-    meta = enginecache.read_sidecar(got.path)
+    meta = cache.read_sidecar(got.path)
     assert meta is not None and meta.builder == "go2-01" and meta.backend_version == OnnxRuntimeBackend().version()
 
 
@@ -56,7 +61,7 @@ def test_a_damaged_engine_is_rebuilt_not_loaded(tmp_path: Path, model: tuple[str
     sha, path = model
     got = provisioner(tmp_path / "state").obtain(sha, path, Recorder().hooks())
     data = got.path.read_bytes()
-    sidecar = enginecache.sidecar_path(got.path)
+    sidecar = cache.sidecar_path(got.path)
     if damage == "flip a byte":
         got.path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
     elif damage == "truncate":
@@ -65,10 +70,10 @@ def test_a_damaged_engine_is_rebuilt_not_loaded(tmp_path: Path, model: tuple[str
         sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "key": "another-key"}))
     else:
         sidecar.unlink()
-    assert enginecache.problem(got.path, got.key) is not None
+    assert cache.problem(got.path, got.key) is not None
     rec = Recorder()
     again = provisioner(tmp_path / "state").obtain(sha, path, rec.hooks())
     assert again.source == "built" and rec.builds == 1
     assert rec.kinds()[0] == "engine_discarded"
-    assert enginecache.problem(again.path, again.key) is None
+    assert cache.problem(again.path, again.key) is None
     assert OnnxRuntimeBackend().load(again.path).outputs[0].name == "actions"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.contract.protocol import ObjectRef
+from agent.delivery.s3_fetch import fetch, s3_client
 from agent.errors import FetchError
-from agent.fetch import fetch, s3_client
-from agent.protocol import ObjectRef
 from tests.services import MotoS3
 
 DATA = bytes(range(256)) * 4096  # 1 MiB

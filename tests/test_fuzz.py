@@ -18,16 +18,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import wire
 from agent.config import AgentConfig, load
-from agent.control import ControlServer
+from agent.contract.protocol import Announcement, Manifest, decode
+from agent.contract.signing import SignatureRejected, Trust
+from agent.contract.tomlconf import build
+from agent.coordinator.store import Store
 from agent.errors import AgentError, ConfigError, ProtocolError, RejectedModel
-from agent.inbox import Intake
-from agent.peercred import Authority
-from agent.protocol import Announcement, Manifest, decode
-from agent.signing import SignatureRejected, Trust
-from agent.store import Store
-from agent.tomlconf import build
+from agent.serving import wire
+from agent.system.control import ControlServer
+from agent.system.inbox import Intake
+from agent.system.peercred import Authority
 
 EXAMPLES = 1000
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.contract.protocol import TensorSpec
 from agent.errors import ConfigError
 from agent.go2 import deploy
 from agent.go2.crc import crc32_words
 from agent.go2.mapping import Mapper, RobotState, projected_gravity, world_to_body
 from agent.go2.safety import Safety, limit_torque
 from agent.go2.settings import Go2Config
-from agent.protocol import TensorSpec
 from tests.go2util import PRESETS, go2_data, need_stack
 
 
@@ -79,7 +79,7 @@ def test_robot_lab_config_is_expressible() -> None:
     assert cfg.action_scale.tolist() == [0.125, 0.25, 0.25] * 4
     import onnx
 
-    from agent.onnxinfo import signature
+    from agent.contract.onnx_signature import signature
 
     ins, outs = signature(onnx.load(str(data / "policy" / "robot_lab.onnx")))
     assert cfg.check_io(ins, outs) is None

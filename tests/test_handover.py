@@ -1,4 +1,4 @@
-"""The swap between two real serving processes (agent.worker): the listener and the client
+"""The swap between two real serving processes (agent.serving.process): the listener and the client
 connections move, with a partial request in flight, and the client's connection never breaks."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import wire
 from agent.client import Policy
 from agent.engines.onnxruntime import OnnxRuntimeBackend
 from agent.errors import RejectedModel
-from agent.worker import EngineWorker, GateEngine, HandOverRefused, Identity, WorkerFailed, WorkerPool
+from agent.serving import wire
+from agent.serving.process import EngineWorker, GateEngine, HandOverRefused, Identity, WorkerFailed, WorkerPool
 from tests.models import mlp
 
 

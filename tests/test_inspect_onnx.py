@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import inspect_onnx as mod
+from agent.delivery import onnx_check as mod
 from agent.errors import RejectedModel
 from tests.models import mlp
 

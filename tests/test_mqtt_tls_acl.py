@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from agent.mqtt import make_client
+from agent.contract.mqtt_client import make_client
 from tests.certs import TestPKI
 from tests.conftest import wait_for
 from tests.services import MOSQUITTO, free_port, stop, wait_port, write_agent_config

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from agent import wire
+from agent.contract.protocol import Announcement, Manifest, ObjectRef, TensorSpec, Topics, decode, encode
 from agent.errors import ProtocolError
-from agent.protocol import Announcement, Manifest, ObjectRef, TensorSpec, Topics, decode, encode
+from agent.serving import wire
 
 SHA = "ab" * 32
 

@@ -1,4 +1,4 @@
-"""The scheduling classes the agent gives its processes (agent.sched), as the kernel reports them."""
+"""The scheduling classes the agent gives its processes (agent.proc.sched), as the kernel reports them."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import sched
 from agent.engines.onnxruntime import OnnxRuntimeBackend
-from agent.worker import EngineWorker, Identity
+from agent.proc import sched
+from agent.serving.process import EngineWorker, Identity
 from tests.conftest import mlp
 
 ROOT = os.geteuid() == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.control import call
+from agent.system.control import call
 from tests.svc_helpers import NotifySocket, agent_process, offline_config
 
 WATCHDOG_USEC = 1_000_000  # systemd would then expect a ping at least every second; we send every 0.5 s
@@ -200,7 +200,7 @@ def test_hung_coordinator_stops_the_watchdog(tmp_path: Path, notify_dir: Path) -
 
 
 def test_outside_systemd_nothing_is_sent(tmp_path: Path) -> None:
-    from agent.notify import Notifier
+    from agent.system.notify import Notifier
 
     n = Notifier({})
     assert not n.enabled and n.interval is None
@@ -209,7 +209,7 @@ def test_outside_systemd_nothing_is_sent(tmp_path: Path) -> None:
 
 
 def test_watchdog_pid_for_another_process_is_ignored() -> None:
-    from agent.notify import watchdog_interval
+    from agent.system.notify import watchdog_interval
 
     assert watchdog_interval({"WATCHDOG_USEC": "4000000"}) == 2.0
     assert watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
@@ -235,13 +235,13 @@ def test_logs_to_journald_stream_with_priorities(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     lines = log.read_text().splitlines()
-    assert any(line.startswith("<6>agent.daemon: agent ") for line in lines), lines[:5]
+    assert any(line.startswith("<6>agent.coordinator.daemon: agent ") for line in lines), lines[:5]
     assert all(line.startswith("<") for line in lines if line), lines
 
 
 def test_journal_handler_with_systemd_python() -> None:
     pytest.importorskip("systemd.journal", reason="systemd-python is not installed")
-    from agent.logsetup import journal_handler
+    from agent.proc.logsetup import journal_handler
 
     handler = journal_handler()
     assert handler is not None and type(handler).__name__ == "JournalHandler"

@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 
-from agent import enginecache
-from agent.build import BuildConfig
-from agent.engines import engine_key
+from agent.coordinator.store import Store
+from agent.engines import cache, engine_key
+from agent.engines.build import BuildConfig
+from agent.engines.fleet_share import EngineShare, ShareConfig
 from agent.engines.onnxruntime import OnnxRuntimeBackend
-from agent.provision import Obtained, Provisioner
-from agent.share import EngineShare, ShareConfig
-from agent.store import Store
+from agent.engines.provisioner import Obtained, Provisioner
 from tests.backends import Recorder
 from tests.conftest import mlp
 from tests.services import MotoS3
@@ -33,7 +32,13 @@ def bucket(s3: MotoS3) -> str:
 
 def agent(root: Path, s3: MotoS3, bucket: str, device: str, trusted: list[str]) -> Provisioner:
     share = EngineShare(s3.client(), ShareConfig(True, bucket, "engines/", trusted, poll_s=0.2), device)
-    return Provisioner(Store(root / device), OnnxRuntimeBackend(), BuildConfig(), share, device)
+    return Provisioner(
+        engines_dir=Store(root / device).engines_dir,
+        backend=OnnxRuntimeBackend(),
+        cfg=BuildConfig(),
+        share=share,
+        device_id=device,
+    )
 
 
 def keys(s3: MotoS3, bucket: str) -> list[str]:
@@ -66,7 +71,7 @@ def test_two_agents_starting_together_build_once(tmp_path: Path, s3: MotoS3, buc
     assert keys(s3, bucket) == [f"engines/{key}/{builder}.engine", f"engines/{key}/{builder}.json"]  # lease freed
     waiter = next(d for d in agents if d != builder)
     assert any(s.startswith(f"waiting for {builder}") for s in recorders[waiter].stages)
-    assert enginecache.problem(results[waiter].path, key) is None
+    assert cache.problem(results[waiter].path, key) is None
 
 
 def publish_foreign(tmp_path: Path, s3: MotoS3, bucket: str, builder: str, **override: Any) -> tuple[str, Path]:
@@ -76,7 +81,7 @@ def publish_foreign(tmp_path: Path, s3: MotoS3, bucket: str, builder: str, **ove
     other = agent(tmp_path / "other", s3, bucket, builder, [])
     got = other.obtain(sha, path, Recorder().hooks())
     other.settle(got.key, passed=False)  # frees its build lease; the record below is the share
-    meta = enginecache.read_sidecar(got.path)
+    meta = cache.read_sidecar(got.path)
     assert meta is not None
     client = s3.client()
     client.upload_file(str(got.path), bucket, f"engines/{got.key}/{builder}.engine")
@@ -127,7 +132,7 @@ class _LookedTooEarly(EngineShare):
 
     looks = 0
 
-    def records(self, key: str) -> dict[str, enginecache.EngineMeta | str]:
+    def records(self, key: str) -> dict[str, cache.EngineMeta | str]:
         self.looks += 1
         return {} if self.looks == 1 else super().records(key)
 
@@ -136,9 +141,13 @@ def test_an_engine_shared_between_the_look_and_the_lease_is_used(tmp_path: Path,
     sha, path = publish_foreign(tmp_path, s3, bucket, "go2-02")
     share = _LookedTooEarly(s3.client(), ShareConfig(True, bucket, "engines/", ["go2-02"]), "go2-01")
     rec = Recorder()
-    got = Provisioner(Store(tmp_path / "go2-01"), OnnxRuntimeBackend(), BuildConfig(), share, "go2-01").obtain(
-        sha, path, rec.hooks()
-    )
+    got = Provisioner(
+        engines_dir=Store(tmp_path / "go2-01").engines_dir,
+        backend=OnnxRuntimeBackend(),
+        cfg=BuildConfig(),
+        share=share,
+        device_id="go2-01",
+    ).obtain(sha, path, rec.hooks())
     assert (got.source, rec.builds, share.looks) == ("shared", 0, 2)
     assert f"engines/{got.key}/lease" not in keys(s3, bucket)  # the lease it took is freed
 
@@ -147,7 +156,13 @@ def test_two_threads_that_need_the_same_engine_build_it_once(tmp_path: Path) -> 
     """The pipeline and an operator command (`agent rollback`) on one agent: one build, one cache hit."""
     path = mlp(tmp_path / "m.onnx")
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    provisioner = Provisioner(Store(tmp_path / "go2-01"), OnnxRuntimeBackend(), BuildConfig(), None, "go2-01")
+    provisioner = Provisioner(
+        engines_dir=Store(tmp_path / "go2-01").engines_dir,
+        backend=OnnxRuntimeBackend(),
+        cfg=BuildConfig(),
+        share=None,
+        device_id="go2-01",
+    )
     recorders = [Recorder(), Recorder()]
     sources: list[str] = []
     barrier = threading.Barrier(2)

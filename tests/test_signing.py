@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import Topics, encode
-from agent.signing import SignatureRejected, Trust, canonical, sign
+from agent.contract.protocol import Topics, encode
+from agent.contract.signing import SignatureRejected, Trust, canonical, sign
 from cloud.config import load as load_fleet
 from cloud.publish import send_retained
 from tests.conftest import Fleet, mlp, wait_for
@@ -73,7 +73,7 @@ def test_signed_announcements(fleet: Fleet) -> None:
 def test_signature_covers_channel_sequence_and_manifest(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from agent.signing import public_b64
+    from agent.contract.signing import public_b64
 
     key = Ed25519PrivateKey.generate()
     trust = Trust([public_b64(key.public_key())])

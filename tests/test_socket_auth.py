@@ -58,7 +58,7 @@ def ask_as(
     script = (
         "import json, os, sys\n"
         "from pathlib import Path\n"
-        "from agent.control import call\n"
+        "from agent.system.control import call\n"
         "from agent.errors import AgentError\n"
         f"os.setgroups({groups!r}); os.setgid({gid}); os.setuid({uid})\n"
         "try:\n"

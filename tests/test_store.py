@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from agent.lifecycle import IllegalTransition, ModelState
-from agent.store import Store
+from agent.coordinator.lifecycle import IllegalTransition, ModelState
+from agent.coordinator.store import Store
 from tests.test_protocol import manifest
 
 

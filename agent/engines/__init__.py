@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from agent.contract.protocol import TensorSpec
 from agent.errors import AgentError
-from agent.protocol import TensorSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,7 +50,7 @@ class Backend(Protocol):
         ...
 
     def build(self, onnx_path: Path, engine_path: Path, progress: BuildProgress = no_progress) -> None:
-        """Runs in the build child process (agent.build); writes `engine_path` atomically."""
+        """Runs in the build child process (agent.engines.build); writes `engine_path` atomically."""
         ...
 
     def load(self, engine_path: Path) -> Engine: ...

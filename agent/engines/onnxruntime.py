@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.contract.protocol import TensorSpec
 from agent.engines import BackendUnavailable, BuildError, BuildProgress, no_progress
-from agent.protocol import TensorSpec
 
 try:
     import onnxruntime as ort

@@ -2,7 +2,7 @@
 
 Only the name-based I/O API is used (`num_io_tensors`, `set_input_shape`, `set_tensor_address`,
 `execute_async_v3`), which TensorRT 8.6 and 10.x both have. `build` runs in the build child process
-(agent.build); `load` and `run` run in a serving process (agent.worker), which answers the gate's
+(agent.engines.build); `load` and `run` run in a serving process (agent.serving.process), which answers the gate's
 calls and then the clients with the same engine; the daemon never loads one.
 
 Threads: a CUDA context is current in one thread at a time, and an execution context is not
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.contract.protocol import TensorSpec
 from agent.engines import BackendUnavailable, BuildError, BuildProgress, no_progress
-from agent.protocol import TensorSpec
 
 try:
     import tensorrt as trt
@@ -100,7 +100,7 @@ class TensorRTBackend:
 
     # -- build (in the child process) ------------------------------------------------------------
     def build(self, onnx_path: Path, engine_path: Path, progress: BuildProgress = no_progress) -> None:
-        from agent.onnxinfo import check_onnx, signature
+        from agent.contract.onnx_signature import check_onnx, signature
 
         inputs, outputs = signature(check_onnx(onnx_path))
         logger = _Logger()

@@ -18,7 +18,7 @@ class WhenIdle:
 
     def ready(self) -> tuple[bool, str]:
         """(may activate now, why not)."""
-        from agent.control import call
+        from agent.system.control import call
 
         try:
             reply = call(self.socket, {"cmd": "status"}, timeout=QUERY_TIMEOUT_S)

@@ -78,7 +78,7 @@ def cmd_sim(cfg: AgentConfig, args: argparse.Namespace) -> int:
 
 
 def _ask(cfg: AgentConfig, request: dict[str, Any]) -> dict[str, Any]:
-    from agent.control import call
+    from agent.system.control import call
 
     reply = call(control_socket(cfg), request, timeout=30.0)
     if not reply.get("ok"):

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.control import ControlServer
 from agent.go2 import dds
 from agent.go2.inference import Job, Outcome, PolicyThread, figures_us
 from agent.go2.mapping import Mapper, RobotState
 from agent.go2.safety import Mode, MotorCommand, Safety, limit_torque
 from agent.go2.settings import Go2Config
+from agent.system.control import ControlServer
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.contract.protocol import TensorSpec
 from agent.errors import ConfigError
-from agent.protocol import TensorSpec
 
 NUM_JOINTS = 12
 TERM_SIZES = {"lin_vel": 3, "ang_vel": 3, "gravity": 3, "commands": 3, "dof_pos": 12, "dof_vel": 12, "actions": 12}
@@ -85,7 +85,7 @@ def load(path: Path) -> DeployConfig:
             return from_dict(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path}: {err}") from err
-    from agent.tomlconf import read_toml
+    from agent.contract.tomlconf import read_toml
 
     return from_dict(read_toml(path))
 

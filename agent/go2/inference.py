@@ -91,7 +91,7 @@ class PolicyThread:
             return f"model {info.get('version')}: bad deploy config: {err}"
         if cfg is None:
             return f"model {info.get('version')} has no deploy config (fleet publish --deploy-config)"
-        from agent.protocol import TensorSpec
+        from agent.contract.protocol import TensorSpec
 
         why = cfg.check_io(
             [TensorSpec.from_json(t) for t in info["inputs"]], [TensorSpec.from_json(t) for t in info["outputs"]]

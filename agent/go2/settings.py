@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from agent.contract.tomlconf import positive
 from agent.errors import ConfigError
-from agent.tomlconf import positive
 
 ESTOP_KEYS = ("R1", "L1", "start", "select", "R2", "L2", "F1", "F2", "A", "B", "X", "Y", "up", "right", "down", "left")
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.contract.protocol import Manifest
 from agent.engines import Engine
 from agent.errors import AgentError, RejectedModel
 from agent.go2 import deploy
@@ -20,7 +21,6 @@ from agent.go2.deploy import DeployConfig
 from agent.go2.mapping import Mapper
 from agent.go2.safety import Safety, limit_torque
 from agent.go2.settings import Go2Config
-from agent.protocol import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.lifecycle import ModelState, check_transition
-from agent.protocol import Manifest
+from agent.contract.protocol import Manifest
+from agent.coordinator.lifecycle import ModelState, check_transition
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (

@@ -7,11 +7,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.lifecycle import ModelState
-from agent.protocol import now
+from agent.contract.protocol import now
+from agent.coordinator.lifecycle import ModelState
 
 if TYPE_CHECKING:
-    from agent.daemon import Daemon
+    from agent.coordinator.daemon import Daemon
 
 
 class StatusBuilder:

@@ -7,17 +7,17 @@ behavioural checks that other parts register (the Go2 simulator rollout)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
+from agent.contract.protocol import Manifest, TensorSpec, signature_diff
 from agent.engines import Engine
+from agent.engines.probes import random_inputs, timed
 from agent.errors import RejectedModel
-from agent.protocol import Manifest, TensorSpec, signature_diff
 
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}  # (atol, rtol) against training outputs
 DEFAULT_BUDGET_US = 2000
@@ -111,23 +111,6 @@ def check_contract(engine: Engine, manifest: Manifest, ctx: GateContext) -> Chec
     return CheckResult("contract", True, {"inputs": len(engine.inputs), "outputs": len(engine.outputs)})
 
 
-def random_inputs(specs: list[TensorSpec], n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        feed = {}
-        for s in specs:
-            shape = s.concrete_shape()
-            if s.dtype.startswith("float"):
-                feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
-            elif s.dtype == "bool":
-                feed[s.name] = rng.integers(0, 2, shape).astype(bool)
-            else:
-                feed[s.name] = rng.integers(0, 8, shape).astype(s.dtype)
-        out.append(feed)
-    return out
-
-
 def load_golden(
     path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
@@ -199,38 +182,12 @@ def check_latency(engine: Engine, feed: dict[str, np.ndarray], manifest: Manifes
     budget = int(manifest.extra.get("latency_budget_us", ctx.latency_budget_us))
     for _ in range(20):
         engine.run(feed)
-    p50, p99 = _timed(engine, feed, ctx.latency_calls)
+    p50, p99 = timed(engine, feed, ctx.latency_calls)
     runs = 1
     if p99 > budget:
-        p50, p99 = min((p50, p99), _timed(engine, feed, ctx.latency_calls), key=lambda r: r[1])
+        p50, p99 = min((p50, p99), timed(engine, feed, ctx.latency_calls), key=lambda r: r[1])
         runs = 2
     figures = {"p50_us": p50, "p99_us": p99, "budget_us": budget, "calls": ctx.latency_calls, "runs": runs}
     if p99 > budget:
         return CheckResult("latency", False, figures, f"p99 {p99:.0f} µs exceeds the budget of {budget} µs")
     return CheckResult("latency", True, figures)
-
-
-@runtime_checkable
-class TimesItsCalls(Protocol):
-    """An engine in another process (agent.worker.GateEngine): timed there, not across the pipe."""
-
-    def time_calls(self, feed: dict[str, np.ndarray], calls: int) -> list[float]: ...
-
-
-def time_calls(engine: Engine, feed: dict[str, np.ndarray], calls: int) -> list[float]:
-    """Each of `calls` runs, in µs."""
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter_ns()
-        engine.run(feed)
-        times.append((time.perf_counter_ns() - t0) / 1000)
-    return times
-
-
-def _timed(engine: Engine, feed: dict[str, np.ndarray], calls: int) -> tuple[float, float]:
-    if isinstance(engine, TimesItsCalls):
-        times = np.asarray(engine.time_calls(feed, calls))
-    else:
-        times = np.asarray(time_calls(engine, feed, calls))
-    p50, p99 = (round(float(np.percentile(times, q)), 1) for q in (50, 99))
-    return p50, p99

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from agent.build import available_mb
 from agent.config import AgentConfig, load
 from agent.errors import AgentError
-from agent.sched import fifo_allowed
+from agent.proc.child import available_mb
+from agent.proc.sched import fifo_allowed
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")  # present on every Jetson (L4T)
@@ -281,7 +281,7 @@ def _s3(cfg: AgentConfig) -> list[Check]:
 def _share_bucket(cfg: AgentConfig) -> Check:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from agent.fetch import s3_client
+    from agent.delivery.s3_fetch import s3_client
 
     s3 = s3_client(cfg.s3.endpoint_url, cfg.s3.region, NET_TIMEOUT_S, NET_TIMEOUT_S)
     try:

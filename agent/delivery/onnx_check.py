@@ -14,10 +14,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from agent.build import die_with_parent, exit_reason
+from agent.contract.protocol import TensorSpec
 from agent.errors import RejectedModel
-from agent.protocol import TensorSpec
-from agent.sched import start_in_background
+from agent.proc.child import die_with_parent, exit_reason
+from agent.proc.sched import start_in_background
 
 _MP = multiprocessing.get_context("spawn")
 Signature = tuple[list[TensorSpec], list[TensorSpec]]
@@ -91,7 +91,7 @@ def _size(path: Path) -> int:
 
 
 def _serve(conn: Connection) -> None:
-    from agent.onnxinfo import check_onnx, signature
+    from agent.contract.onnx_signature import check_onnx, signature
 
     die_with_parent("edge-onnx-check")
     while True:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.digest import sha256_file
+from agent.contract.digest import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The inference socket, the model in service and the swap, seen from the daemon.
 
-Each loaded model runs in its own serving process (agent.worker); the one in service holds the
+Each loaded model runs in its own serving process (agent.serving.process); the one in service holds the
 socket's listener and every client connection. A swap hands them to the next process between two
-requests (agent.serving_loop); the replaced process stays loaded during the post-activation watch,
+requests (agent.serving.loop); the replaced process stays loaded during the post-activation watch,
 so a rollback is a hand-over back. Before any model is active a process without an engine answers
 "no active model yet". The daemon collects what each process served (counts and latencies) every
 STATS_EVERY_S, off the hot path."""
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.contract.protocol import TensorSpec
 from agent.engines import Backend
-from agent.protocol import TensorSpec
-from agent.sched import describe, to_foreground
-from agent.telemetry import LatencyRecorder
-from agent.worker import EngineWorker, GateEngine, HandOverRefused, Identity, WorkerFailed, WorkerPool
+from agent.proc.sched import describe, to_foreground
+from agent.serving.process import EngineWorker, GateEngine, HandOverRefused, Identity, WorkerFailed, WorkerPool
+from agent.serving.telemetry import LatencyRecorder
 
 log = logging.getLogger(__name__)
 

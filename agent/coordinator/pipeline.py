@@ -12,20 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.build import BuildCancelled, BuildConfig
 from agent.config import S3Config
-from agent.digest import sha256_file
-from agent.download import download
+from agent.contract.digest import sha256_file
+from agent.contract.protocol import Manifest, signature_diff
+from agent.coordinator.gate import GateContext, run_gate
+from agent.coordinator.lifecycle import ModelState
+from agent.coordinator.store import Store
+from agent.delivery.download_process import download
+from agent.delivery.onnx_check import inspect_onnx
 from agent.engines import Backend
+from agent.engines.build import BuildCancelled, BuildConfig
+from agent.engines.provisioner import Hooks, Obtained, Provisioner
 from agent.errors import RejectedModel
-from agent.inspect_onnx import inspect_onnx
-from agent.lifecycle import ModelState
-from agent.protocol import Manifest, signature_diff
-from agent.provision import Hooks, Obtained, Provisioner
-from agent.serve import InferenceServer, ServedModel
-from agent.store import Store
-from agent.validate import GateContext, run_gate
-from agent.worker import EngineLoadFailed, WorkerFailed
+from agent.serving.process import EngineLoadFailed, WorkerFailed
+from agent.serving.server import InferenceServer, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ class Pipeline:
         self.report = report
         self.progress = progress
         self.cancel = threading.Event()
-        self.engines = engines or Provisioner(store, backend, BuildConfig(), None, "local")
+        self.engines = engines or Provisioner(
+            engines_dir=store.engines_dir, backend=backend, cfg=BuildConfig(), share=None, device_id="local"
+        )
         self.build_progress = build_progress or (lambda _rid, _info: None)
         self.notify = notify or (lambda _kind, _fields: None)
         self._superseded: dict[int, str] = {}  # record id -> the newer version that superseded it

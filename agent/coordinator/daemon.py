@@ -13,27 +13,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, enginecache
-from agent.activation import Activation, IdlePolicy, OperatorJob
-from agent.build import protect_daemon
+from agent import __version__
 from agent.config import AgentConfig
-from agent.control import LOADING_COMMANDS, ControlServer
-from agent.digest import sha256_file
-from agent.engines import Backend, engine_key, select_backend
+from agent.contract.digest import sha256_file
+from agent.contract.protocol import Announcement, Manifest, ObjectRef, Topics, decode, encode, new_event, now
+from agent.coordinator.activation import Activation, IdlePolicy, OperatorJob
+from agent.coordinator.gate import BehaviouralCheck, GateContext, GateRejected
+from agent.coordinator.lifecycle import ModelState
+from agent.coordinator.pipeline import Candidate, Pipeline, skipped_checks
+from agent.coordinator.status import StatusBuilder
+from agent.coordinator.store import ModelRecord, Store
+from agent.delivery.mqtt_link import Link
+from agent.delivery.onnx_check import inspect_onnx
+from agent.engines import Backend, cache, engine_key, select_backend
+from agent.engines.fleet_share import EngineShare
+from agent.engines.provisioner import Provisioner
 from agent.errors import AgentError, ProtocolError, RejectedModel
-from agent.inspect_onnx import inspect_onnx
-from agent.lifecycle import ModelState
-from agent.link import Link
-from agent.pipeline import Candidate, Pipeline, skipped_checks
-from agent.protocol import Announcement, Manifest, ObjectRef, Topics, decode, encode, new_event, now
-from agent.provision import Provisioner
-from agent.sched import choose_background, pin_process
-from agent.serve import InferenceServer, ServedModel
-from agent.share import EngineShare
-from agent.status import StatusBuilder
-from agent.store import ModelRecord, Store
-from agent.telemetry import LatencyRecorder
-from agent.validate import BehaviouralCheck, GateContext, GateRejected
+from agent.proc.child import protect_daemon
+from agent.proc.sched import choose_background, pin_process
+from agent.serving.server import InferenceServer, ServedModel
+from agent.serving.telemetry import LatencyRecorder
+from agent.system.control import LOADING_COMMANDS, ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Daemon:
             self._idle_policy(),
         )
         self.behavioural: list[BehaviouralCheck] = self._behaviour_checks()
-        from agent.service import Service
+        from agent.system.service import Service
 
         self.control = ControlServer(cfg.control_path, cfg.state_dir / "incoming", self.events, Service.authority(cfg))
         self.status = StatusBuilder(self)
@@ -336,7 +336,13 @@ class Daemon:
         share = None
         if self.cfg.share.enabled:
             share = EngineShare(self._s3_client(), self.cfg.share, self.cfg.device_id)
-        return Provisioner(self.store, self.backend, self.cfg.build, share, self.cfg.device_id)
+        return Provisioner(
+            engines_dir=self.store.engines_dir,
+            backend=self.backend,
+            cfg=self.cfg.build,
+            share=share,
+            device_id=self.cfg.device_id,
+        )
 
     # -- restart recovery ------------------------------------------------------------------------
     def _restore_active(self) -> None:
@@ -346,7 +352,7 @@ class Daemon:
             return
         try:
             path = self.store.engine_path(rec.engine_key)
-            problem = enginecache.stale_or_damaged(path, rec.engine_key, engine_key(rec.sha256, self.backend))
+            problem = cache.stale_or_damaged(path, rec.engine_key, engine_key(rec.sha256, self.backend))
             if problem is not None:
                 raise AgentError(problem)
             served = self.server.load(path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
@@ -566,7 +572,7 @@ class Daemon:
 
     def _s3_client(self) -> Any:
         """Only fleet engine sharing needs S3 in this process; downloads run in a child."""
-        from agent.fetch import s3_client
+        from agent.delivery.s3_fetch import s3_client
 
         if self._s3 is None:
             s3 = self.cfg.s3

@@ -15,9 +15,10 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+from agent.proc.logsetup import FORCE_FALLBACK_ENV
+
 log = logging.getLogger(__name__)
 
-FORCE_FALLBACK_ENV = "EDGE_AGENT_NOTIFY_FALLBACK"  # "1": skip systemd-python (tests both paths)
 STATUS_MIN_INTERVAL_S = 1.0  # STATUS= at most this often, and only when the line changed
 
 

@@ -12,8 +12,7 @@ import logging
 import os
 import sys
 
-from agent.notify import FORCE_FALLBACK_ENV
-
+FORCE_FALLBACK_ENV = "EDGE_AGENT_NOTIFY_FALLBACK"  # "1": skip systemd-python (tests both paths)
 _QUIET = ("watchdog", "botocore", "boto3", "s3transfer", "urllib3")
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 

@@ -9,11 +9,9 @@ first (oom_score_adj 1000)."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +23,8 @@ from typing import Any
 from agent.config import BuildConfig
 from agent.engines import Backend
 from agent.errors import AgentError, RejectedModel
-from agent.sched import start_in_background
+from agent.proc.child import available_mb, die_with_parent, exit_reason
+from agent.proc.sched import start_in_background
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def _watch(
             return limit
     if error is not None:
         return error
-    return None if done and proc.exitcode == 0 else exit_reason(int(proc.exitcode))
+    return None if done and proc.exitcode == 0 else exit_reason(int(proc.exitcode), "the build process")
 
 
 def _over_limit(cfg: BuildConfig, info: BuildInfo, cancelled: Callable[[], str | None]) -> str | None:
@@ -170,28 +169,6 @@ def _kill(proc: Any) -> None:
     proc.join(10)
 
 
-def exit_reason(code: int, what: str = "the build process") -> str:
-    """Why a child ended, for a user: `what` names it."""
-    if code < 0:
-        sig = -code
-        name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
-        hint = ", likely out of memory (the OOM killer)" if sig == signal.SIGKILL else ""
-        return f"{what} was killed by signal {sig} ({name}){hint}"
-    return f"{what} exited with status {code} without a result"
-
-
-def available_mb() -> int | None:
-    """MemAvailable from /proc/meminfo, in MiB; None where unreadable."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection) -> None:
     """The build child's main: never returns an exception silently."""
     die_with_parent(BUILD_PROCESS_NAME)
@@ -216,26 +193,3 @@ def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection)
         os._exit(1)
     conn.send(("done",))
     conn.close()
-
-
-def die_with_parent(name: str) -> None:
-    """In a child: the kernel kills us when the daemon dies (even by SIGKILL), so no orphan keeps
-    writing a .part or an engine that the next start is about to use. `name` shows in ps/top."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        libc.prctl(PR_SET_NAME, name.encode()[:15])
-    except (OSError, AttributeError) as err:  # not Linux
-        log.debug("no parent-death signal: %s", err)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def protect_daemon() -> None:
-    """Ask the OOM killer to spare the daemon (needs CAP_SYS_RESOURCE: systemd's OOMScoreAdjust
-    does it for the service; this covers root runs)."""
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("-500")
-    except OSError as err:
-        log.debug("cannot lower the daemon's oom_score_adj: %s", err)

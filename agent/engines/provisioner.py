@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import enginecache
-from agent.build import BuildCancelled, BuildConfig, BuildInfo, run_build
-from agent.engines import Backend, engine_key
-from agent.share import EngineShare, ShareError
-from agent.store import Store
+from agent.engines import Backend, cache, engine_key
+from agent.engines.build import BuildCancelled, BuildConfig, BuildInfo, run_build
+from agent.engines.fleet_share import EngineShare, ShareError
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +40,9 @@ class Obtained:
 
 class Provisioner:
     def __init__(
-        self, store: Store, backend: Backend, cfg: BuildConfig, share: EngineShare | None, device_id: str
+        self, *, engines_dir: Path, backend: Backend, cfg: BuildConfig, share: EngineShare | None, device_id: str
     ) -> None:
-        self.store = store
+        self.engines_dir = engines_dir  # <state_dir>/engines: one file per engine key (agent.coordinator.store)
         self.backend = backend
         self.cfg = cfg
         self.share = share
@@ -53,6 +51,9 @@ class Provisioner:
         self._leases: set[str] = set()
         self._key_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    def engine_path(self, key: str) -> Path:
+        return self.engines_dir / key
 
     def obtain(self, model_sha256: str, model_path: Path, hooks: Hooks) -> Obtained:
         """Thread-safe per key: the pipeline and an operator command that need the same engine
@@ -66,15 +67,15 @@ class Provisioner:
             return self._key_locks.setdefault(key, threading.Lock())
 
     def _obtain(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
-        path = self.store.engine_path(key)
-        why = enginecache.problem(path, key)
+        path = self.engine_path(key)
+        why = cache.problem(path, key)
         if why is None:
             hooks.stage(f"engine cache hit ({key})")
             return Obtained(key, path, "cache", {"engine_source": "cache"})
         if why != "no engine file":
             log.warning("engine %s is not usable (%s): discarding it", key, why)
             hooks.notify("engine_discarded", {"engine_key": key, "reason": why})
-            enginecache.discard(path)
+            cache.discard(path)
         if self.share is not None and self._from_share(key, path, hooks):
             return Obtained(key, path, "shared", {"engine_source": "shared"})
         return self._build(key, model_path, hooks)
@@ -82,7 +83,7 @@ class Provisioner:
     def rebuild(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
         """The engine passed its hash check but does not load: build it again, once."""
         with self._lock(key):
-            enginecache.discard(self.store.engine_path(key))
+            cache.discard(self.engine_path(key))
             return self._build(key, model_path, hooks)
 
     def settle(self, key: str, passed: bool) -> dict[str, Any]:
@@ -94,9 +95,9 @@ class Provisioner:
             return figures
         try:
             if passed and built and self.share.cfg.upload:
-                meta = enginecache.read_sidecar(self.store.engine_path(key))
+                meta = cache.read_sidecar(self.engine_path(key))
                 if meta is not None:
-                    self.share.upload(key, self.store.engine_path(key), meta)
+                    self.share.upload(key, self.engine_path(key), meta)
                     figures["engine_shared"] = True
         except ShareError as err:
             log.warning("%s", err)
@@ -108,7 +109,7 @@ class Provisioner:
 
     # -- building here ---------------------------------------------------------------------------
     def _build(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
-        path = self.store.engine_path(key)
+        path = self.engine_path(key)
         hooks.stage(f"building {self.backend.name} {self.backend.version()} engine {key}")
 
         def on_progress(info: BuildInfo) -> None:
@@ -119,8 +120,8 @@ class Provisioner:
         except BaseException:
             self._drop_lease(key)
             raise
-        meta = enginecache.describe(path, key, self.backend.name, self.backend.version(), self.device_id, seconds)
-        enginecache.write_sidecar(path, meta)
+        meta = cache.describe(path, key, self.backend.name, self.backend.version(), self.device_id, seconds)
+        cache.write_sidecar(path, meta)
         self._built.add(key)
         hooks.notify("engine_built", {"engine_key": key, "build_s": meta.build_s, "size": meta.size})
         return Obtained(key, path, "built", {"engine_source": "built", "build_s": meta.build_s})

@@ -5,10 +5,10 @@ interpreter lock for milliseconds in C++ code. In a process that also serves, ev
 stall the answer to the controller for that long (measured: 1-4 ms per ONNX Runtime session on
 this project's 2-core CI machine, a 2 ms control period). Here the next model loads in its own
 process while the current one keeps answering, and the swap is a hand-over of the client sockets
-(agent.serving_loop). A model that crashes its runtime takes down its own process, not the daemon.
+(agent.serving.loop). A model that crashes its runtime takes down its own process, not the daemon.
 
 The process is started fresh (multiprocessing `spawn`, like the build child) and dies with the
-daemon (PR_SET_PDEATHSIG). One that loads a model does so in the background (agent.sched) and is
+daemon (PR_SET_PDEATHSIG). One that loads a model does so in the background (agent.proc.sched) and is
 raised to the serving priority when it takes the clients; an engine-less one (start-up, no model
 yet) is needed at once and starts at the daemon's priority."""
 
@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.build import die_with_parent, exit_reason
+from agent.contract.protocol import TensorSpec
 from agent.engines import Backend, Engine
+from agent.engines.probes import random_inputs
 from agent.errors import AgentError, RejectedModel
-from agent.protocol import TensorSpec
-from agent.sched import pin, start_in_background, to_background, to_serving
-from agent.serving_loop import Identity, ServingLoop, ready
+from agent.proc.child import die_with_parent, exit_reason
+from agent.proc.sched import pin, start_in_background, to_background, to_serving
+from agent.serving.loop import Identity, ServingLoop, ready
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class EngineWorker:
         return exit_reason(code, "the serving process") if code is not None else "the serving process ended"
 
     def serving_priority(self, rt_priority: int, cpus: set[int] | None = None) -> None:
-        """Raised before it takes the clients (agent.sched.to_serving)."""
+        """Raised before it takes the clients (agent.proc.sched.to_serving)."""
         to_serving(self.pid, rt_priority, cpus)
 
     def standby_priority(self, cpus: set[int] | None = None) -> None:
@@ -252,7 +253,7 @@ class EngineWorker:
 
 
 class GateEngine:
-    """A loaded candidate as the gate sees it (agent.validate's Engine): every call runs in its
+    """A loaded candidate as the gate sees it (agent.coordinator.gate's Engine): every call runs in its
     serving process, where the model will serve. So the daemon loads no engine of its own (one
     deserialisation per model, no CUDA context in the daemon), the latency is measured where it
     counts, and a model that crashes its runtime ends that process, not the daemon."""
@@ -313,8 +314,6 @@ def _child(
 
 def _warm_up(engine: Any) -> None:
     """First calls allocate (ONNX Runtime arenas, TensorRT's lazy set-up): not on a client's time."""
-    from agent.validate import random_inputs
-
     feed = random_inputs(engine.inputs, 1)[0]
     for _ in range(WARMUP_CALLS):
         engine.run(feed)

@@ -1,4 +1,4 @@
-"""The loop of one serving process (agent.worker): it owns one loaded engine and, while it is the
+"""The loop of one serving process (agent.serving.process): it owns one loaded engine and, while it is the
 active one, the inference socket's listener and every client connection.
 
 One thread does everything: it multiplexes the client sockets (selectors) and runs every inference.
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from agent import wire
 from agent.engines import Engine
+from agent.engines.probes import time_calls
 from agent.errors import ProtocolError
-from agent.validate import time_calls
+from agent.serving import wire
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from agent.contract.protocol import DTYPES, TensorSpec
 from agent.errors import RejectedModel
-from agent.protocol import DTYPES, TensorSpec
 
 
 def check_onnx(path: Path) -> onnx.ModelProto:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import DaemonNotRunning
-from agent.peercred import Authority, peer_of
+from agent.system.peercred import Authority, peer_of
 
 log = logging.getLogger(__name__)
 

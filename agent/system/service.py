@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
+from agent.contract.protocol import Announcement, Manifest, ObjectRef, TensorSpec, now
+from agent.contract.signing import SignatureRejected, Trust
+from agent.coordinator.lifecycle import ModelState
 from agent.errors import AgentError
-from agent.inbox import SETTLED_S, Drop, Intake, Watcher
-from agent.lifecycle import ModelState
-from agent.notify import Notifier
-from agent.peercred import Authority, secure_socket
-from agent.protocol import Announcement, Manifest, ObjectRef, TensorSpec, now
-from agent.reload import Reloader
-from agent.signing import SignatureRejected, Trust
+from agent.system.inbox import SETTLED_S, Drop, Intake, Watcher
+from agent.system.notify import Notifier
+from agent.system.peercred import Authority, secure_socket
+from agent.system.reload import Reloader
 
 if TYPE_CHECKING:
-    from agent.daemon import Daemon
+    from agent.coordinator.daemon import Daemon
 
 log = logging.getLogger(__name__)
 

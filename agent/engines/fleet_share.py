@@ -30,8 +30,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.config import ShareConfig
-from agent.digest import sha256_file
-from agent.enginecache import EngineMeta, write_sidecar
+from agent.contract.digest import sha256_file
+from agent.engines.cache import EngineMeta, write_sidecar
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from agent.digest import sha256_file
+from agent.contract.digest import sha256_file
+from agent.contract.protocol import ObjectRef
 from agent.errors import FetchError
-from agent.protocol import ObjectRef
 
 log = logging.getLogger(__name__)
 

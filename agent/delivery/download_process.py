@@ -11,11 +11,11 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from agent.build import die_with_parent, exit_reason
 from agent.config import S3Config
+from agent.contract.protocol import ObjectRef
 from agent.errors import AgentError, FetchError
-from agent.protocol import ObjectRef
-from agent.sched import start_in_background
+from agent.proc.child import die_with_parent, exit_reason
+from agent.proc.sched import start_in_background
 
 _MP = multiprocessing.get_context("spawn")
 POLL_S = 0.1
@@ -36,7 +36,7 @@ def download(
     progress: Callable[[int, int], None],
     cancel: threading.Event,
 ) -> None:
-    """agent.fetch.fetch in a child; FetchError with its reason, DownloadCancelled when `cancel` is set."""
+    """agent.delivery.s3_fetch.fetch in a child; FetchError with its reason, DownloadCancelled when `cancel` is set."""
     recv, send = _MP.Pipe(duplex=False)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     args = (s3, ref, str(dest), sha256, size, reserve_bytes, send, level)
@@ -86,8 +86,8 @@ def _child(
     conn: Connection,
     log_level: str,
 ) -> None:
-    from agent import logsetup
-    from agent.fetch import fetch, s3_client
+    from agent.delivery.s3_fetch import fetch, s3_client
+    from agent.proc import logsetup
 
     logsetup.setup(log_level)  # the daemon's stderr (or journal): resumes and retries show there
     die_with_parent("edge-download")

@@ -12,7 +12,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.config import MqttConfig
-from agent.mqtt import SESSION_TAKEN_OVER, client_for, host_port, jitter_backoff, session_properties
+from agent.contract.mqtt_client import SESSION_TAKEN_OVER, client_for, host_port, jitter_backoff, session_properties
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ commands (activate, rollback, pin, unpin) and the retention of stored models and
 
 Runs on the coordinator thread, except `load_for` (an operator command's load, on its own thread).
 The swap itself is a hand-over of the clients between two
-serving processes (agent.serve); the replaced one stays loaded during the watch, so a rollback is a
+serving processes (agent.serving.server); the replaced one stays loaded during the watch, so a rollback is a
 swap too."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import AgentConfig
+from agent.coordinator.lifecycle import ALLOWED, ModelState
+from agent.coordinator.pipeline import Pipeline
+from agent.coordinator.store import ModelRecord, Store
 from agent.engines import Backend, engine_key
 from agent.errors import AgentError
-from agent.lifecycle import ALLOWED, ModelState
-from agent.pipeline import Pipeline
-from agent.serve import InferenceServer, ServedModel, SwapStats
-from agent.store import ModelRecord, Store
-from agent.worker import HandOverRefused, WorkerFailed
+from agent.serving.process import HandOverRefused, WorkerFailed
+from agent.serving.server import InferenceServer, ServedModel, SwapStats
 
 log = logging.getLogger(__name__)
 

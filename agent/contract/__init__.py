@@ -1,0 +1,1 @@
+"""The contract shared with cloud/: wire formats, MQTT set-up, signatures, TOML, hashes, ONNX I/O."""

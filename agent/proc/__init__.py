@@ -1,0 +1,1 @@
+"""What every child process needs: scheduling classes, CPU pinning, death with the parent, exit reasons."""
