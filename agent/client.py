@@ -19,12 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import AgentError
+from agent.errors import InferenceError
 from agent.serving import wire
-
-
-class InferenceError(AgentError):
-    """The daemon answered with an error (bad input, no active model, ...)."""
 
 
 class Policy:

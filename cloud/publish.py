@@ -25,12 +25,8 @@ from agent.contract.mqtt_client import client_for, host_port
 from agent.contract.onnx_signature import check_onnx, signature
 from agent.contract.protocol import Announcement, Manifest, ObjectRef, Topics, encode
 from agent.delivery.s3_fetch import s3_client
-from agent.errors import AgentError, RejectedModel
+from agent.errors import AgentError, PublishError, RejectedModel
 from cloud.config import FleetConfig
-
-
-class PublishError(AgentError):
-    pass
 
 
 def publish(

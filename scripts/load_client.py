@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.client import InferenceError, Policy
+from agent.client import Policy
+from agent.errors import InferenceError
 
 
 def main() -> int:

@@ -12,8 +12,9 @@ import onnxruntime as ort
 import pytest
 
 from agent.contract.onnx_signature import check_onnx, signature
-from agent.engines import Backend, BackendUnavailable, Engine, engine_key
-from agent.engines.build import BuildConfig, BuildFailed, run_build
+from agent.engines import Backend, Engine, engine_key
+from agent.engines.build import BuildConfig, run_build
+from agent.errors import BackendUnavailable, BuildFailed
 from tests.conftest import mlp
 
 # Polygraphy compares against ONNX Runtime with atol = rtol = 1e-5; FP16 engines need looser ones.

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 import agent.engines.build
-from agent.engines.build import BuildCancelled, BuildConfig, BuildFailed, BuildInfo, run_build
+from agent.engines.build import BuildConfig, BuildInfo, run_build
 from agent.engines.onnxruntime import OnnxRuntimeBackend
+from agent.errors import BuildFailed, Cancelled
 from agent.proc.child import exit_reason
 from tests.backends import SegfaultingOnnxRuntime
 from tests.conftest import mlp
@@ -79,7 +80,7 @@ def test_a_model_the_backend_cannot_build_is_rejected_with_its_message(tmp_path:
 
 
 def test_cancellation_stops_the_build(tmp_path: Path) -> None:
-    with pytest.raises(BuildCancelled, match="superseded by v2"):
+    with pytest.raises(Cancelled, match="superseded by v2"):
         run_build(
             OnnxRuntimeBackend(),
             mlp(tmp_path / "m.onnx"),

@@ -159,7 +159,7 @@ def test_a_newer_model_cancels_the_build_it_supersedes(fleet: Fleet, tmp_path: P
     os.kill(child, signal.SIGSTOP)  # v1's build hangs
     wait_for(lambda: (fleet.status(cfg).get("pending") or {}).get("build"), 20, "build in status")
     fleet.publish(mlp(tmp_path / "v2.onnx", seed=2), "v2")
-    assert fleet.wait_rejected(cfg, "v1") == "build: cancelled: superseded by v2"
+    assert fleet.wait_rejected(cfg, "v1") == "cancelled while building: superseded by v2"
     fleet.wait_active(cfg, "v2")
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
 

@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 
 from agent.config import AgentConfig, load
 from agent.contract.protocol import Announcement, Manifest, decode
-from agent.contract.signing import SignatureRejected, Trust
+from agent.contract.signing import Trust
 from agent.contract.tomlconf import build
 from agent.coordinator.store import Store
-from agent.errors import AgentError, ConfigError, ProtocolError, RejectedModel
+from agent.errors import AgentError, ConfigError, ProtocolError, RejectedModel, SignatureRejected
 from agent.serving import wire
-from agent.system.control import ControlServer
+from agent.system.control import ControlRequest, ControlServer, DeployFile, Request, parse_request
 from agent.system.inbox import Intake
 from agent.system.peercred import Authority
 
@@ -255,9 +255,9 @@ def test_fuzz_wire_frames() -> None:
 def control() -> Iterator[tuple[Path, Path]]:
     """A real ControlServer whose 'coordinator' answers every request with ok."""
     with tempfile.TemporaryDirectory(prefix="fz") as d:
-        events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        events: queue.Queue[ControlRequest[Request]] = queue.Queue()
         incoming = Path(d) / "incoming"
-        server = ControlServer(Path(d) / "c.sock", incoming, events, Authority("no-such-group"))
+        server = ControlServer(Path(d) / "c.sock", incoming, events.put, parse_request, Authority("no-such-group"))
         server.start()
         done = threading.Event()
 
@@ -267,9 +267,9 @@ def control() -> Iterator[tuple[Path, Path]]:
                     ev = events.get(timeout=0.05)
                 except queue.Empty:
                     continue
-                if ev[0] == "control":
-                    Path(ev[1].get("path", "/nonexistent")).unlink(missing_ok=True)
-                    ev[2].put({"ok": True})
+                if isinstance(ev.request, DeployFile):
+                    ev.request.path.unlink(missing_ok=True)
+                ev.reply.put({"ok": True})
 
         t = threading.Thread(target=coordinator, name="fuzz-coordinator")
         t.start()

@@ -15,20 +15,20 @@ import pytest
 
 from agent.client import Policy
 from agent.engines.onnxruntime import OnnxRuntimeBackend
-from agent.errors import RejectedModel
+from agent.errors import HandOverRefused, RejectedModel, ServingFailed
 from agent.serving import wire
-from agent.serving.process import EngineWorker, GateEngine, HandOverRefused, Identity, WorkerFailed, WorkerPool
+from agent.serving.process import GateEngine, Identity, ServingPool, ServingProcess
 from tests.models import mlp
 
 
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[tuple[EngineWorker, EngineWorker, socket.socket]]:
+def workers(tmp_path: Path) -> Iterator[tuple[ServingProcess, ServingProcess, socket.socket]]:
     backend = OnnxRuntimeBackend()
     started = []
     for v, seed in (("a", 1), ("b", 2)):
         engine = tmp_path / f"{v}.engine"
         backend.build(mlp(tmp_path / f"{v}.onnx", seed=seed), engine)
-        started.append(EngineWorker(backend, engine, Identity(v, f"sha-{v}", backend.name)))
+        started.append(ServingProcess(backend, engine, Identity(v, f"sha-{v}", backend.name)))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(tmp_path / "infer.sock"))
     listener.listen(8)
@@ -53,7 +53,7 @@ def _read_frame(sock: socket.socket) -> bytes:
 
 
 def test_a_partial_request_and_the_connection_move_to_the_next_process(
-    workers: tuple[EngineWorker, EngineWorker, socket.socket], tmp_path: Path
+    workers: tuple[ServingProcess, ServingProcess, socket.socket], tmp_path: Path
 ) -> None:
     a, b, _ = workers
     obs = {"obs": np.ones((1, 48), np.float32)}
@@ -84,11 +84,11 @@ def test_a_partial_request_and_the_connection_move_to_the_next_process(
 
 
 def test_a_dead_serving_process_is_reported_with_its_signal(
-    workers: tuple[EngineWorker, EngineWorker, socket.socket],
+    workers: tuple[ServingProcess, ServingProcess, socket.socket],
 ) -> None:
     a, _, _ = workers
     os.kill(a.pid, signal.SIGKILL)
-    with pytest.raises(WorkerFailed, match="killed by signal 9"):
+    with pytest.raises(ServingFailed, match="killed by signal 9"):
         a.stats()
     assert a.failure() is not None and "signal 9" in str(a.failure())
 
@@ -96,13 +96,13 @@ def test_a_dead_serving_process_is_reported_with_its_signal(
 def test_an_engine_that_does_not_load_fails_with_the_reason(tmp_path: Path) -> None:
     bad = tmp_path / "bad.engine"
     bad.write_bytes(b"not an engine")
-    with pytest.raises(WorkerFailed, match="the engine does not load"):
-        EngineWorker(OnnxRuntimeBackend(), bad, Identity("x", "sha-x", "onnxruntime"))
+    with pytest.raises(ServingFailed, match="the engine does not load"):
+        ServingProcess(OnnxRuntimeBackend(), bad, Identity("x", "sha-x", "onnxruntime"))
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
 def test_the_serving_process_moves_to_the_reserved_cpu_and_back(
-    workers: tuple[EngineWorker, EngineWorker, socket.socket],
+    workers: tuple[ServingProcess, ServingProcess, socket.socket],
 ) -> None:
     a, _, _ = workers
     serving, rest = min(os.sched_getaffinity(0)), os.sched_getaffinity(0) - {min(os.sched_getaffinity(0))}
@@ -114,7 +114,7 @@ def test_the_serving_process_moves_to_the_reserved_cpu_and_back(
 
 
 def test_a_hand_over_to_a_dead_process_keeps_the_clients_where_they_are(
-    workers: tuple[EngineWorker, EngineWorker, socket.socket], tmp_path: Path
+    workers: tuple[ServingProcess, ServingProcess, socket.socket], tmp_path: Path
 ) -> None:
     a, b, _ = workers
     with Policy(tmp_path / "infer.sock") as policy:
@@ -129,7 +129,7 @@ def test_a_hand_over_to_a_dead_process_keeps_the_clients_where_they_are(
 
 
 def test_a_large_partial_request_moves_too(
-    workers: tuple[EngineWorker, EngineWorker, socket.socket], tmp_path: Path
+    workers: tuple[ServingProcess, ServingProcess, socket.socket], tmp_path: Path
 ) -> None:
     a, b, _ = workers
     big = wire.request(wire.INFER, 9, {"obs": np.zeros((1000, 48), np.float32)})  # 192 KB
@@ -144,10 +144,10 @@ def test_a_large_partial_request_moves_too(
         assert (rid, version) == (9, "b")  # answered (an error: the model takes a batch of 1) by b
 
 
-def test_a_process_that_does_not_answer_is_ended(workers: tuple[EngineWorker, EngineWorker, socket.socket]) -> None:
+def test_a_process_that_does_not_answer_is_ended(workers: tuple[ServingProcess, ServingProcess, socket.socket]) -> None:
     _, b, _ = workers
     os.kill(b.pid, signal.SIGSTOP)
-    with pytest.raises(WorkerFailed, match="did not answer within 0.5 s; ended it"):
+    with pytest.raises(ServingFailed, match="did not answer within 0.5 s; ended it"):
         b.request({"cmd": "stats"}, timeout=0.5)
     assert not b.proc.is_alive()  # no late reply can be taken for the next request's
 
@@ -156,7 +156,7 @@ def test_the_pool_closes_every_process_it_started(tmp_path: Path) -> None:
     backend = OnnxRuntimeBackend()
     engine = tmp_path / "a.engine"
     backend.build(mlp(tmp_path / "a.onnx"), engine)
-    pool = WorkerPool(backend)
+    pool = ServingPool(backend)
     serving = pool.start(engine, Identity("a", "sha-a", backend.name))
     spare = pool.start(engine, Identity("b", "sha-b", backend.name))
     pool.retire(spare)
@@ -168,7 +168,7 @@ def test_the_pool_closes_every_process_it_started(tmp_path: Path) -> None:
 
 
 def test_the_gate_runs_in_the_candidates_process(
-    workers: tuple[EngineWorker, EngineWorker, socket.socket], tmp_path: Path
+    workers: tuple[ServingProcess, ServingProcess, socket.socket], tmp_path: Path
 ) -> None:
     """The daemon loads no engine: the gate's calls run in the candidate's serving process and give
     what the same engine gives here; its latency is timed there; one that serves refuses them."""

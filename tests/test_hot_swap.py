@@ -247,4 +247,4 @@ def test_two_announcements_during_one_build_the_newer_wins(fleet: Fleet, tmp_pat
     # a waited while big worked, or had its own build cancelled when b arrived: b wins either way.
     assert history["a"]["state"] == "rejected" and history["a"]["reason"].endswith("superseded by b")
     # big either finished (its gate was running) or had its build cancelled for the newer one.
-    assert history["big"]["state"] == "retired" or "cancelled: superseded by" in history["big"]["reason"]
+    assert history["big"]["state"] == "retired" or "cancelled while building: superseded by" in history["big"]["reason"]

@@ -12,7 +12,7 @@ import pytest
 
 from agent.engines.onnxruntime import OnnxRuntimeBackend
 from agent.proc import sched
-from agent.serving.process import EngineWorker, Identity
+from agent.serving.process import Identity, ServingProcess
 from tests.conftest import mlp
 
 ROOT = os.geteuid() == 0
@@ -54,10 +54,10 @@ def test_an_engine_less_serving_process_starts_at_the_daemons_priority(tmp_path:
     """It is needed at once (start-up: "no active model yet"); a background one can starve for
     minutes on a CPU that other work keeps busy."""
     backend = OnnxRuntimeBackend()
-    empty = EngineWorker(backend, None, Identity("", "", backend.name))
+    empty = ServingProcess(backend, None, Identity("", "", backend.name))
     engine = tmp_path / "m.engine"
     backend.build(mlp(tmp_path / "m.onnx"), engine)
-    loading = EngineWorker(backend, engine, Identity("m", "sha-m", backend.name))
+    loading = ServingProcess(backend, engine, Identity("m", "sha-m", backend.name))
     try:
         assert os.sched_getscheduler(empty.pid) == os.sched_getscheduler(0)
         assert sched.describe(empty.pid) == sched.describe(os.getpid())

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.contract.protocol import Topics, encode
-from agent.contract.signing import SignatureRejected, Trust, canonical, sign
+from agent.contract.signing import Trust, canonical, sign
+from agent.errors import SignatureRejected
 from cloud.config import load as load_fleet
 from cloud.publish import send_retained
 from tests.conftest import Fleet, mlp, wait_for

@@ -22,13 +22,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.errors import AgentError, ConfigError, ProtocolError
+from agent.errors import AgentError, ConfigError, SignatureRejected
 
 ALG = "ed25519"
-
-
-class SignatureRejected(ProtocolError):
-    """An announcement is unsigned, signed by an unknown key, or the signature does not verify."""
 
 
 def canonical(announcement: dict[str, Any]) -> bytes:

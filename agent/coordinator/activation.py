@@ -17,19 +17,17 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.coordinator.lifecycle import ALLOWED, ModelState
 from agent.coordinator.pipeline import Pipeline
+from agent.coordinator.reporter import Reporter
 from agent.coordinator.store import ModelRecord, Store
 from agent.engines import Backend, engine_key
-from agent.errors import AgentError
-from agent.serving.process import HandOverRefused, WorkerFailed
+from agent.errors import AgentError, HandOverRefused, ServingFailed
 from agent.serving.server import InferenceServer, ServedModel, SwapStats
 
 log = logging.getLogger(__name__)
 
-Transition = Callable[..., ModelRecord]
 IdlePolicy = Callable[[], tuple[bool, str]]  # (may activate now, why not): the Go2 when-idle policy
 IDLE_CHECK_S = 0.5
 RESTART_EVERY_S = 5.0
-Emit = Callable[..., None]
 PIN_MARK = "pin"
 
 
@@ -68,14 +66,14 @@ class Watch:
 class Activation:
     def __init__(
         self,
+        *,
         cfg: AgentConfig,
         store: Store,
         server: InferenceServer,
         pipeline: Pipeline,
         backend: Backend,
-        transition: Transition,
-        emit: Emit,
-        working_sha: Callable[[], str | None],
+        reporter: Reporter,
+        in_pipeline: Callable[[], str | None],
         idle_policy: IdlePolicy | None = None,
     ) -> None:
         self.cfg = cfg
@@ -83,9 +81,9 @@ class Activation:
         self.server = server
         self.pipeline = pipeline
         self.backend = backend
-        self.transition = transition
-        self.emit = emit
-        self.working_sha = working_sha
+        self.transition = reporter.transition
+        self.emit = reporter.emit
+        self.in_pipeline = in_pipeline  # the sha256 of the candidate at work: its files are kept
         self.idle_policy = idle_policy
         self.watch: Watch | None = None
         self.parked: tuple[int, ServedModel] | None = None  # passed the gate, loaded, waiting for idle
@@ -163,7 +161,7 @@ class Activation:
     def _swap(self, rec: ModelRecord, served: ServedModel, keep_previous: bool) -> ServedModel | None:
         try:
             return self.server.swap(served, keep_previous=keep_previous)
-        except (HandOverRefused, WorkerFailed) as err:  # its serving process ended while it waited
+        except (HandOverRefused, ServingFailed) as err:  # its serving process ended while it waited
             self.server.release(served)
             raise AgentError(f"{rec.version} was not swapped in: {err}") from err
 
@@ -216,7 +214,7 @@ class Activation:
         previous = self.store.get(w.previous_id)
         try:
             self.server.swap(w.previous)  # the failed model's process becomes the spare
-        except (HandOverRefused, WorkerFailed) as err:  # the previous model's process is gone too
+        except (HandOverRefused, ServingFailed) as err:  # the previous model's process is gone too
             self.server.release(w.previous)
             log.warning("rolling back to %s: its serving process is gone (%s); loading it again", previous.version, err)
             try:
@@ -391,7 +389,7 @@ class Activation:
         being prepared; remove the rest and stale .part files."""
         keep = {r.sha256 for r in self._stored_history()[: self.cfg.watch.keep_models]}
         keep |= {r.sha256 for r in self.store.in_state(ModelState.STAGED, ModelState.ACTIVE)}
-        working = self.working_sha()
+        working = self.in_pipeline()
         if working:
             keep.add(working)
         if self.loading is not None:

@@ -35,13 +35,6 @@ class CheckResult:
         return {"passed": self.passed, "reason": self.reason, **self.figures}
 
 
-class GateRejected(RejectedModel):
-    def __init__(self, results: list[CheckResult]) -> None:
-        failed = results[-1]
-        super().__init__("validate", f"{failed.name}: {failed.reason}")
-        self.results = results
-
-
 # A behavioural check (the Go2 sim rollout, agent/go2/simgate.py): (engine, manifest, checks the
 # operator forced it past) -> figures; it raises RejectedModel with its figures in the reason.
 BehaviouralCheck = Callable[[Engine, Manifest, frozenset[str]], dict[str, Any]]
@@ -60,7 +53,8 @@ class GateContext:
 
 
 def run_gate(engine: Engine, manifest: Manifest, ctx: GateContext) -> list[CheckResult]:
-    """Every check's result, in order; raises GateRejected at the first failure."""
+    """Every check's result, in order; raises RejectedModel (with every
+    result so far as its figures) at the first failure."""
     results: list[CheckResult] = []
 
     def record(result: CheckResult | None) -> None:
@@ -70,7 +64,8 @@ def run_gate(engine: Engine, manifest: Manifest, ctx: GateContext) -> list[Check
             result = CheckResult(result.name, True, {**result.figures, "forced": True}, f"forced: {result.reason}")
         results.append(result)
         if not result.passed:
-            raise GateRejected(results)
+            checks = {r.name: r.to_json() for r in results}
+            raise RejectedModel("validate", f"{result.name}: {result.reason}", {"gate": checks})
 
     record(check_contract(engine, manifest, ctx))
     samples = random_inputs(engine.inputs, RANDOM_SAMPLES)

@@ -20,17 +20,48 @@ from agent.coordinator.lifecycle import ModelState
 from agent.coordinator.store import Store
 from agent.delivery.download_process import download
 from agent.delivery.onnx_check import inspect_onnx
-from agent.engines import Backend
-from agent.engines.build import BuildCancelled, BuildConfig
 from agent.engines.provisioner import Hooks, Obtained, Provisioner
-from agent.errors import RejectedModel
-from agent.serving.process import EngineLoadFailed, WorkerFailed
+from agent.errors import EngineLoadFailed, RejectedModel, ServingFailed
 from agent.serving.server import InferenceServer, ServedModel
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[int, ModelState, str, dict[str, Any]], None]
-ProgressReport = Callable[[int, int, int], None]
+PROGRESS_STEPS = 50  # a download reports at most this many progress steps (and every MiB at most)
+
+
+# -- what the pipeline thread posts to the coordinator ---------------------------------------------
+@dataclass(frozen=True)
+class StageReached:
+    record_id: int
+    state: ModelState
+    reason: str
+    figures: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    record_id: int
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class BuildProgressed:
+    """The running build's state for `agent status` (pid, stage, percent, elapsed_s)."""
+
+    record_id: int
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Notify:
+    """An event for the cloud (e.g. engine sharing's), emitted by the coordinator."""
+
+    kind: str
+    fields: dict[str, Any]
+
+
+PipelineEvent = StageReached | DownloadProgress | BuildProgressed | Notify
 
 
 @dataclass(frozen=True)
@@ -50,30 +81,25 @@ def skipped_checks(cand: Candidate) -> frozenset[str]:
 class Pipeline:
     def __init__(
         self,
+        *,
         store: Store,
-        backend: Backend,
         serving: InferenceServer,
+        engines: Provisioner,
         s3: S3Config,
         reserve_bytes: int,
-        report: Report,
-        progress: ProgressReport,
-        engines: Provisioner | None = None,
-        build_progress: Callable[[int, dict[str, Any]], None] | None = None,
-        notify: Callable[[str, dict[str, Any]], None] | None = None,
+        post: Callable[[PipelineEvent], None],
     ) -> None:
         self.store = store  # only its path helpers are used here: no DB access off the coordinator
         self.serving = serving  # loads each candidate in a serving process; the gate runs there
+        self.engines = engines
         self.s3 = s3
         self.reserve_bytes = reserve_bytes
-        self.report = report
-        self.progress = progress
+        self.post = post
         self.cancel = threading.Event()
-        self.engines = engines or Provisioner(
-            engines_dir=store.engines_dir, backend=backend, cfg=BuildConfig(), share=None, device_id="local"
-        )
-        self.build_progress = build_progress or (lambda _rid, _info: None)
-        self.notify = notify or (lambda _kind, _fields: None)
         self._superseded: dict[int, str] = {}  # record id -> the newer version that superseded it
+
+    def report(self, record_id: int, state: ModelState, reason: str, figures: dict[str, Any]) -> None:
+        self.post(StageReached(record_id, state, reason, figures))
 
     def supersede(self, record_id: int, newer: str) -> None:
         """Called from the coordinator: a build in progress for `record_id` stops."""
@@ -126,7 +152,7 @@ class Pipeline:
             where = "already stored; checking its sha256" if model_path.exists() else ""
             self.report(cand.record_id, ModelState.DOWNLOADING, where or f"s3://{m.model.bucket}/{m.model.key}", {})
             if not _holds(model_path, m.sha256):
-                progress = functools.partial(self.progress, cand.record_id)
+                progress = functools.partial(self._progress, cand.record_id, [0])
                 download(self.s3, m.model, model_path, m.sha256, m.size, self.reserve_bytes, progress, self.cancel)
             if m.golden is not None and m.golden_sha256 and m.golden_size is not None:
                 golden = self.store.golden_path(m.sha256)
@@ -143,6 +169,12 @@ class Pipeline:
                     )
                 return golden
         return None
+
+    def _progress(self, record_id: int, last: list[int], done: int, total: int) -> None:
+        """Posts the download's progress in at most PROGRESS_STEPS steps (and every MiB at most)."""
+        if done == total or done - last[0] >= max(total // PROGRESS_STEPS, 1 << 20):
+            last[0] = done
+            self.post(DownloadProgress(record_id, done, total))
 
     def _verify(self, cand: Candidate, model_path: Path) -> None:
         if cand.source == "local":  # checked by the deploy that made this content-addressed file
@@ -167,16 +199,14 @@ class Pipeline:
 
         return Hooks(
             stage=lambda reason: self.report(rid, ModelState.BUILDING, reason, {}),
-            progress=lambda info: self.build_progress(rid, info),
-            notify=lambda kind, fields: self.notify(kind, {"model_id": rid, "version": version, **fields}),
+            progress=lambda info: self.post(BuildProgressed(rid, info)),
+            notify=lambda kind, fields: self.post(Notify(kind, {"model_id": rid, "version": version, **fields})),
             cancelled=cancelled,
         )
 
     def _build(self, cand: Candidate, model_path: Path) -> Obtained:
         try:
             return self.engines.obtain(cand.manifest.sha256, model_path, self._hooks(cand))
-        except BuildCancelled as err:
-            raise RejectedModel("build", f"cancelled: {err}") from err
         finally:
             self._superseded.pop(cand.record_id, None)
 
@@ -188,10 +218,7 @@ class Pipeline:
             return self._serve(got, m)
         except EngineLoadFailed as err:
             log.warning("engine %s does not load (%s): rebuilding it", got.key, err)
-        try:
-            self.engines.rebuild(got.key, model_path, self._hooks(cand))
-        except BuildCancelled as err:
-            raise RejectedModel("build", f"cancelled: {err}") from err
+        self.engines.rebuild(got.key, model_path, self._hooks(cand))
         try:
             return self._serve(got, m)
         except EngineLoadFailed as err:
@@ -202,7 +229,7 @@ class Pipeline:
             return self.serving.load(got.path, m.version, m.sha256, m.extra.get("deploy_config"))
         except EngineLoadFailed:
             raise
-        except WorkerFailed as err:
+        except ServingFailed as err:
             raise RejectedModel("load", str(err)) from err
 
 

@@ -1,138 +1,205 @@
-"""What `agent status` and the retained MQTT status topic say, built from the coordinator's state."""
+"""What `agent status` and the retained MQTT status topic say, built on the coordinator thread
+from the parts that hold each piece (nothing here changes state). `Status` is the schema of
+`agent status --json`."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 from agent import __version__
+from agent.config import AgentConfig
 from agent.contract.protocol import now
+from agent.coordinator.activation import Activation
+from agent.coordinator.announcements import Announcements
 from agent.coordinator.lifecycle import ModelState
+from agent.coordinator.scheduler import CandidateScheduler, Pending
+from agent.coordinator.store import Store
+from agent.delivery.mqtt_link import Link
+from agent.engines import Backend
+from agent.serving.server import InferenceServer
+from agent.serving.telemetry import LatencyRecorder
 
-if TYPE_CHECKING:
-    from agent.coordinator.daemon import Daemon
+
+class Broker(TypedDict):
+    url: str
+    connected: bool
+    conflict: str | None
+
+
+class Active(TypedDict):
+    version: str
+    sha256: str
+    backend: str
+    activated_at: float | None
+    source: str
+
+
+class Outcome(TypedDict):
+    version: str
+    reason: str
+    at: float
+
+
+class Status(TypedDict):
+    device_id: str
+    state: str  # "running" or "stopping"
+    pid: int
+    uptime_s: float
+    agent_version: str
+    channel: str
+    backend: str
+    backend_version: str
+    broker: Broker
+    active: Active | None
+    pending: Pending | None
+    waiting_to_activate: dict[str, str] | None  # a model held back by the when-idle policy
+    last_rejected: Outcome | None
+    last_rollback: Outcome | None
+    activation: str
+    staged: list[str]
+    pinned: str | None
+    operator: dict[str, str] | None  # an operator command loading its model: cmd, version
+    deferred: str | None  # the announcement held back while pinned
+    watch: dict[str, Any] | None
+    latency_last_minute: dict[str, int]
+    clients: int
+    serving: dict[str, Any] | None  # the serving process: pid, scheduling, cpus
+    requests: int
+    request_errors: int
+    ignored_payloads: int
+    last_ignored_payload: str | None
+    outbox: int
+
+
+MQTT_STATUS_KEYS = (
+    "device_id",
+    "agent_version",
+    "channel",
+    "backend",
+    "backend_version",
+    "active",
+    "pending",
+    "last_rejected",
+    "uptime_s",
+)
+
+
+@dataclass
+class Life:
+    """The daemon's own state, shared with the status."""
+
+    started_at: float = field(default_factory=time.time)
+    stopping: bool = False
 
 
 class StatusBuilder:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(
+        self,
+        *,
+        cfg: AgentConfig,
+        life: Life,
+        store: Store,
+        backend: Backend,
+        server: InferenceServer,
+        recorder: LatencyRecorder,
+        link: Link,
+        scheduler: CandidateScheduler,
+        activation: Activation,
+        announcements: Announcements,
+    ) -> None:
+        self.cfg = cfg
+        self.life = life
+        self.store = store
+        self.backend = backend
+        self.server = server
+        self.recorder = recorder
+        self.link = link
+        self.scheduler = scheduler
+        self.activation = activation
+        self.announcements = announcements
 
-    def build(self) -> dict[str, Any]:
-        d = self.d
-        d.server.drain(force=True)
-        active = d.store.active()
-        rejected = d.store.last_rejected()
-        rolled = sorted(d.store.in_state(ModelState.ROLLED_BACK), key=lambda r: r.updated_at)
-        staged = [
-            r.version for r in d.store.in_state(ModelState.STAGED) if d.working is None or r.id != d.working.record_id
-        ]
-        watch = d.activation.watch
-        minute = d.recorder.last_minute()
-        conflict = d.link.conflict_until > time.time()
+    def build(self) -> Status:
+        self.server.drain(force=True)
+        minute = self.recorder.last_minute()
+        a = self.activation
         return {
-            "device_id": d.cfg.device_id,
-            "state": "stopping" if d.stopping else "running",
+            "device_id": self.cfg.device_id,
+            "state": "stopping" if self.life.stopping else "running",
             "pid": os.getpid(),
-            "uptime_s": round(time.time() - d.started_at, 1),
+            "uptime_s": round(time.time() - self.life.started_at, 1),
             "agent_version": __version__,
-            "channel": d.cfg.channel,
-            "backend": d.backend.name,
-            "backend_version": d.backend.version(),
-            "broker": {
-                "url": d.cfg.mqtt.url,
-                "connected": d.link.connected,
-                "conflict": (
-                    "another agent connected with this device_id; backing off (give each robot its own device_id)"
-                )
-                if conflict
-                else None,
-            },
-            "active": None
-            if active is None
-            else {
-                "version": active.version,
-                "sha256": active.sha256,
-                "backend": d.backend.name,
-                "activated_at": active.activated_at,
-                "source": active.source,
-            },
-            "pending": self._pending(),
+            "channel": self.cfg.channel,
+            "backend": self.backend.name,
+            "backend_version": self.backend.version(),
+            "broker": self._broker(),
+            "active": self._active(),
+            "pending": self.scheduler.pending(),
             "waiting_to_activate": self._parked(),
-            "last_rejected": None
-            if rejected is None
-            else {
-                "version": rejected.version,
-                "reason": rejected.reason,
-                "at": rejected.updated_at,
-            },
-            "last_rollback": None
-            if not rolled
-            else {
-                "version": rolled[-1].version,
-                "reason": rolled[-1].reason,
-                "at": rolled[-1].updated_at,
-            },
-            "activation": d.cfg.activation,
-            "staged": staged,
-            "pinned": d.activation.pinned,
-            "operator": None
-            if d.activation.loading is None
-            else {"cmd": d.activation.loading.cmd, "version": d.activation.loading.target.version},
-            "deferred": (d.store.mark(f"deferred:{d.cfg.channel}") or {}).get("manifest", {}).get("version"),
-            "watch": None if watch is None else watch.to_json(d.server.stats, d.cfg.watch.window_s),
+            "last_rejected": self._last_rejected(),
+            "last_rollback": self._last_rollback(),
+            "activation": self.cfg.activation,
+            "staged": self.scheduler.staged_elsewhere(),
+            "pinned": a.pinned,
+            "operator": None if a.loading is None else {"cmd": a.loading.cmd, "version": a.loading.target.version},
+            "deferred": self.announcements.deferred_version(),
+            "watch": None if a.watch is None else a.watch.to_json(self.server.stats, self.cfg.watch.window_s),
             "latency_last_minute": {"count": minute.count, "p50_us": minute.p50_us, "p99_us": minute.p99_us},
-            "clients": d.server.clients,
-            "serving": d.server.serving_info(),
-            "requests": d.server.requests,
-            "request_errors": d.server.errors,
-            "ignored_payloads": d.ignored_payloads,
-            "last_ignored_payload": d.last_ignored or None,
-            "outbox": d.store.outbox_size(),
+            "clients": self.server.clients,
+            "serving": self.server.serving_info(),
+            "requests": self.server.requests,
+            "request_errors": self.server.errors,
+            "ignored_payloads": self.announcements.ignored_payloads,
+            "last_ignored_payload": self.announcements.last_ignored or None,
+            "outbox": self.store.outbox_size(),
         }
 
-    def _pending(self) -> dict[str, Any] | None:
-        d = self.d
-        if d.working is None:
+    def as_dict(self) -> dict[str, Any]:
+        """The status as a plain JSON object (what the control socket and STATUS= take)."""
+        return dict(self.build())
+
+    def _broker(self) -> Broker:
+        conflict = self.link.conflict_until > time.time()
+        return {
+            "url": self.cfg.mqtt.url,
+            "connected": self.link.connected,
+            "conflict": "another agent connected with this device_id; backing off (give each robot its own device_id)"
+            if conflict
+            else None,
+        }
+
+    def _active(self) -> Active | None:
+        rec = self.store.active()
+        if rec is None:
             return None
-        rec = d.store.get(d.working.record_id)
-        done, total = d.progress.get(rec.id, (0, rec.manifest.size))
         return {
             "version": rec.version,
-            "stage": rec.state.value,
-            "reason": rec.reason,
-            "downloaded_bytes": done,
-            "total_bytes": total,
-            "queued": len(d.waiting),
-            "build": d.build_progress.get(rec.id),  # pid, stage, percent, elapsed_s of a running build
+            "sha256": rec.sha256,
+            "backend": self.backend.name,
+            "activated_at": rec.activated_at,
+            "source": rec.source,
         }
 
-    def _parked(self) -> dict[str, Any] | None:
+    def _parked(self) -> dict[str, str] | None:
         """A staged model held back by the activation policy (go2 `when-idle`)."""
-        parked = self.d.activation.parked
+        parked = self.activation.parked
         if parked is None:
             return None
-        return {"version": parked[1].version, "reason": self.d.activation.parked_why or "checking the controller"}
+        return {"version": parked[1].version, "reason": self.activation.parked_why or "checking the controller"}
+
+    def _last_rejected(self) -> Outcome | None:
+        rec = self.store.last_rejected()
+        return None if rec is None else {"version": rec.version, "reason": rec.reason, "at": rec.updated_at}
+
+    def _last_rollback(self) -> Outcome | None:
+        rolled = sorted(self.store.in_state(ModelState.ROLLED_BACK), key=lambda r: r.updated_at)
+        if not rolled:
+            return None
+        return {"version": rolled[-1].version, "reason": rolled[-1].reason, "at": rolled[-1].updated_at}
 
     def mqtt(self) -> dict[str, Any]:
-        s = self.build()
-        return {
-            "protocol": 1,
-            "type": "status",
-            "online": True,
-            "ts": now(),
-            **{
-                k: s[k]
-                for k in (
-                    "device_id",
-                    "agent_version",
-                    "channel",
-                    "backend",
-                    "backend_version",
-                    "active",
-                    "pending",
-                    "last_rejected",
-                    "uptime_s",
-                )
-            },
-        }
+        """The retained status topic's payload: a subset of the status."""
+        s: dict[str, Any] = dict(self.build())
+        return {"protocol": 1, "type": "status", "online": True, "ts": now(), **{k: s[k] for k in MQTT_STATUS_KEYS}}

@@ -13,17 +13,13 @@ from pathlib import Path
 
 from agent.config import S3Config
 from agent.contract.protocol import ObjectRef
-from agent.errors import AgentError, FetchError
+from agent.errors import Cancelled, FetchError
 from agent.proc.child import die_with_parent, exit_reason
 from agent.proc.sched import start_in_background
 
 _MP = multiprocessing.get_context("spawn")
 POLL_S = 0.1
 PROGRESS_STEP = 1 << 20
-
-
-class DownloadCancelled(AgentError):
-    """The agent is stopping: the .part stays, and the next start resumes it."""
 
 
 def download(
@@ -36,7 +32,7 @@ def download(
     progress: Callable[[int, int], None],
     cancel: threading.Event,
 ) -> None:
-    """agent.delivery.s3_fetch.fetch in a child; FetchError with its reason, DownloadCancelled when `cancel` is set."""
+    """agent.delivery.s3_fetch.fetch in a child; FetchError with its reason, Cancelled when `cancel` is set."""
     recv, send = _MP.Pipe(duplex=False)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     args = (s3, ref, str(dest), sha256, size, reserve_bytes, send, level)
@@ -73,7 +69,7 @@ def _follow(
             raise FetchError(msg[1])
         else:
             return
-    raise DownloadCancelled("the agent is stopping")
+    raise Cancelled("the agent is stopping")
 
 
 def _child(

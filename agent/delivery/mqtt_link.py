@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -20,9 +21,36 @@ CONFLICT_BACKOFF_S = 300.0
 FLAP_UPTIME_S, FLAP_WINDOW_S, FLAP_COUNT = 5.0, 30.0, 3  # 3 sessions under 5 s within 30 s = a twin
 
 
+@dataclass(frozen=True)
+class Connected:
+    session_present: bool
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class MessageArrived:
+    topic: str
+    payload: bytes
+    retained: bool
+
+
+@dataclass(frozen=True)
+class Published:
+    """The broker acknowledged message `mid` (QoS 1)."""
+
+    mid: int
+
+
+LinkEvent = Connected | Disconnected | MessageArrived | Published
+
+
 class Link:
-    """Posts ("mqtt-connected", session_present), ("mqtt-disconnected", reason),
-    ("mqtt-message", topic, payload) and ("mqtt-published", mid) onto the coordinator's queue."""
+    """Posts a LinkEvent for each connect, disconnect, message and acknowledgement (paho's
+    thread; `post` only enqueues for the coordinator)."""
 
     def __init__(
         self,
@@ -30,10 +58,10 @@ class Link:
         device_id: str,
         will_topic: str,
         will_payload: bytes,
-        events: queue.Queue[tuple[Any, ...]],
+        post: Callable[[LinkEvent], None],
     ) -> None:
         self.cfg = cfg
-        self.events = events
+        self.post = post
         self.connected = False
         self.conflict_until = 0.0
         self.device_id = device_id
@@ -84,7 +112,7 @@ class Link:
             return
         self.connected = True
         self._connected_at = time.monotonic()
-        self.events.put(("mqtt-connected", bool(flags.session_present)))
+        self.post(Connected(bool(flags.session_present)))
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self.connected = False
@@ -101,7 +129,7 @@ class Link:
                 self.device_id,
                 CONFLICT_BACKOFF_S,
             )
-        self.events.put(("mqtt-disconnected", str(rc)))
+        self.post(Disconnected(str(rc)))
 
     def _flapping(self) -> bool:
         """Sessions that end right after they start, again and again: mosquitto closes a taken-over
@@ -112,7 +140,7 @@ class Link:
         return sum(1 for t in self._short_sessions if now - t < FLAP_WINDOW_S) >= FLAP_COUNT
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self.events.put(("mqtt-message", msg.topic, bytes(msg.payload), bool(msg.retain)))
+        self.post(MessageArrived(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
-        self.events.put(("mqtt-published", mid))
+        self.post(Published(mid))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from agent.contract.protocol import TensorSpec
-from agent.errors import AgentError
+from agent.errors import BackendUnavailable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,14 +54,6 @@ class Backend(Protocol):
         ...
 
     def load(self, engine_path: Path) -> Engine: ...
-
-
-class BackendUnavailable(AgentError):
-    pass
-
-
-class BuildError(AgentError):
-    """The backend could not build an engine from this ONNX file (e.g. the parser's message)."""
 
 
 def engine_key(model_sha256: str, backend: Backend) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 from agent.config import BuildConfig
 from agent.engines import Backend
-from agent.errors import AgentError, RejectedModel
+from agent.errors import BuildFailed, Cancelled
 from agent.proc.child import available_mb, die_with_parent, exit_reason
 from agent.proc.sched import start_in_background
 
@@ -35,15 +35,6 @@ PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
 BUILD_PROCESS_NAME = "edge-build"
 # Set by a parent before a build; a child started fresh sees the default. Tests use it to prove it.
 INHERITED_MARK = "fresh"
-
-
-class BuildFailed(RejectedModel):
-    def __init__(self, reason: str) -> None:
-        super().__init__("build", reason)
-
-
-class BuildCancelled(AgentError):
-    pass
 
 
 @dataclass
@@ -76,7 +67,7 @@ def run_build(
     cancelled: Callable[[], str | None],
     on_progress: OnProgress,
 ) -> float:
-    """Build in a fresh child; returns the seconds it took. Raises BuildFailed or BuildCancelled."""
+    """Build in a fresh child; returns the seconds it took. Raises BuildFailed or Cancelled."""
     recv, send = _MP.Pipe(duplex=False)
     proc = _MP.Process(
         target=_child, args=(backend, str(onnx_path), str(engine_path), send), name="engine-build", daemon=True
@@ -134,10 +125,10 @@ def _watch(
 
 
 def _over_limit(cfg: BuildConfig, info: BuildInfo, cancelled: Callable[[], str | None]) -> str | None:
-    """Why the build must stop now (raises BuildCancelled for a cancellation), or None."""
+    """Why the build must stop now (raises Cancelled for a cancellation), or None."""
     why = cancelled()
     if why:
-        raise BuildCancelled(why)
+        raise Cancelled(why)
     if time.monotonic() > info.started + cfg.time_limit_s:
         return f"the build exceeded its time limit of {cfg.time_limit_s:g} s (build.time_limit_s)"
     avail = available_mb()

@@ -32,15 +32,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 from agent.config import ShareConfig
 from agent.contract.digest import sha256_file
 from agent.engines.cache import EngineMeta, write_sidecar
+from agent.errors import ShareError
 
 log = logging.getLogger(__name__)
 
 
 LEASE_SETTLE_S = 0.2
-
-
-class ShareError(Exception):
-    """S3 did not answer as expected; the caller falls back to a local build."""
 
 
 @dataclass(frozen=True)

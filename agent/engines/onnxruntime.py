@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from agent.contract.protocol import TensorSpec
-from agent.engines import BackendUnavailable, BuildError, BuildProgress, no_progress
+from agent.engines import BuildProgress, no_progress
+from agent.errors import BackendUnavailable, BuildFailed
 
 try:
     import onnxruntime as ort
@@ -88,7 +89,7 @@ class OnnxRuntimeBackend:
         try:
             ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
-            raise BuildError(f"ONNX Runtime could not load the model: {err}") from err
+            raise BuildFailed(f"ONNX Runtime could not load the model: {err}") from err
         progress("saving", None)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

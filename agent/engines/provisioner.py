@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.engines import Backend, cache, engine_key
-from agent.engines.build import BuildCancelled, BuildConfig, BuildInfo, run_build
-from agent.engines.fleet_share import EngineShare, ShareError
+from agent.engines.build import BuildConfig, BuildInfo, run_build
+from agent.engines.fleet_share import EngineShare
+from agent.errors import Cancelled, ShareError
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class Provisioner:
                     return False
                 reason = hooks.cancelled()
                 if reason:
-                    raise BuildCancelled(reason)
+                    raise Cancelled(reason)
                 if lease.holder != waiting_on:
                     waiting_on = lease.holder
                     hooks.stage(f"waiting for {lease.holder} to build engine {key} (shared)")

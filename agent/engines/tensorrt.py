@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from agent.contract.protocol import TensorSpec
-from agent.engines import BackendUnavailable, BuildError, BuildProgress, no_progress
+from agent.engines import BuildProgress, no_progress
+from agent.errors import BackendUnavailable, BuildFailed, EngineLoadFailed
 
 try:
     import tensorrt as trt
@@ -111,7 +112,7 @@ class TensorRTBackend:
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             msgs = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
-            raise BuildError(f"TensorRT's ONNX parser: {'; '.join(msgs) or 'failed'}")
+            raise BuildFailed(f"TensorRT's ONNX parser: {'; '.join(msgs) or 'failed'}")
         config = self._config(builder, network)
         timing = engine_path.parent / f"timing-{trt.__version__}-sm{self.sm}.cache"
         cache = config.create_timing_cache(timing.read_bytes() if timing.exists() else b"")
@@ -123,7 +124,7 @@ class TensorRTBackend:
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             why = "; ".join(logger.errors[-3:]) or "no reason given"
-            raise BuildError(f"TensorRT could not build the engine: {why}")
+            raise BuildFailed(f"TensorRT could not build the engine: {why}")
         progress("saving", None)
         _atomic_write(timing, bytes(config.get_timing_cache().serialize()))
         header = {
@@ -154,7 +155,7 @@ class TensorRTBackend:
     def load(self, engine_path: Path) -> TensorRTEngine:
         header, blob = _read_engine(engine_path)
         if header.get("trt") != trt.__version__ or header.get("sm") != self.sm:
-            raise BuildError(
+            raise EngineLoadFailed(
                 f"{engine_path.name} was built by TensorRT {header.get('trt')} for sm{header.get('sm')}, "
                 f"this is TensorRT {trt.__version__} on sm{self.sm}"
             )
@@ -199,7 +200,7 @@ class TensorRTEngine:
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(blob)
         if self._engine is None:
-            raise BuildError(f"TensorRT could not deserialize the engine: {'; '.join(self._logger.errors[-3:])}")
+            raise EngineLoadFailed(f"TensorRT could not deserialize the engine: {'; '.join(self._logger.errors[-3:])}")
         self._context = self._engine.create_execution_context()
         self._stream = self._cuda.Stream()
         self._host: dict[str, np.ndarray] = {}
@@ -254,13 +255,13 @@ def _write_engine(path: Path, header: dict[str, Any], blob: bytes) -> None:
 def _read_engine(path: Path) -> tuple[dict[str, Any], bytes]:
     data = path.read_bytes()
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
-        raise BuildError(f"{path.name} is not an edge-agent TensorRT engine file")
+        raise EngineLoadFailed(f"{path.name} is not an edge-agent TensorRT engine file")
     (n,) = struct.unpack_from("<I", data, len(MAGIC))
     start = len(MAGIC) + 4
     try:
         header = json.loads(data[start : start + n])
     except ValueError as err:
-        raise BuildError(f"{path.name} has a corrupt header: {err}") from err
+        raise EngineLoadFailed(f"{path.name} has a corrupt header: {err}") from err
     return header, data[start + n :]
 
 

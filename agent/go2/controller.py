@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from agent.errors import AgentError
 from agent.go2 import dds
 from agent.go2.inference import Job, Outcome, PolicyThread, figures_us
 from agent.go2.mapping import Mapper, RobotState
 from agent.go2.safety import Mode, MotorCommand, Safety, limit_torque
 from agent.go2.settings import Go2Config
-from agent.system.control import ControlServer
+from agent.system.control import ControlRequest, ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ class Controller:
         self.cfg = cfg
         self.safety = Safety(cfg)
         self.policy = PolicyThread(agent_socket, timeout_s=cfg.lockstep_wait_s if cfg.lockstep else 1.0)
-        self.requests: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self.control = ControlServer(control_socket, control_socket.parent / "go2-incoming", self.requests)
+        self.requests: queue.Queue[ControlRequest[dict[str, Any]] | None] = queue.Queue()  # None: stop
+        self.control = ControlServer(
+            control_socket, control_socket.parent / "go2-incoming", self.requests.put, _as_sent
+        )
         self.command = np.asarray(cfg.command, np.float64)
         self.stopping = threading.Event()
         self.lowstate = dds.Latest()
@@ -99,7 +102,7 @@ class Controller:
             time.sleep(0.002)
         self.control.stop()
         self.policy.stop()
-        self.requests.put(("stop",))
+        self.requests.put(None)
         bus.close()
         log.info("go2 controller stopped")
 
@@ -264,9 +267,9 @@ class Controller:
     def _serve_requests(self) -> None:
         while True:
             item = self.requests.get()
-            if item[0] == "stop":
+            if item is None:
                 return
-            _, req, reply = item
+            req, reply = item.request, item.reply
             if req.get("cmd") == "status":
                 reply.put({"ok": True, "status": self.status()})
                 continue
@@ -356,7 +359,6 @@ class Controller:
 def release_sport_service(cfg: Go2Config, tries: int = 5) -> None:
     """On the real robot the built-in sport service must let go before low-level control; if it
     does not answer or does not let go, the controller refuses to start."""
-    from agent.errors import AgentError
 
     try:
         from unitree_sdk2py.comm.motion_switcher.motion_switcher_client import MotionSwitcherClient
@@ -381,3 +383,8 @@ def release_sport_service(cfg: Go2Config, tries: int = 5) -> None:
         client.ReleaseMode()
         time.sleep(1.0)
     raise AgentError("the sport service did not release the robot: refusing to start low-level control")
+
+
+def _as_sent(request: dict[str, Any], _received: Path | None) -> dict[str, Any]:
+    """The controller's requests (arm, damp, command, status) are read as they came."""
+    return request

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.client import InferenceError, Policy
-from agent.errors import AgentError
+from agent.client import Policy
+from agent.errors import AgentError, InferenceError
 from agent.go2 import deploy
 from agent.go2.mapping import Mapper, RobotState
 

@@ -31,7 +31,7 @@ import numpy as np
 from agent.contract.protocol import TensorSpec
 from agent.engines import Backend, Engine
 from agent.engines.probes import random_inputs
-from agent.errors import AgentError, RejectedModel
+from agent.errors import EngineLoadFailed, HandOverRefused, RejectedModel, ServingFailed
 from agent.proc.child import die_with_parent, exit_reason
 from agent.proc.sched import pin, start_in_background, to_background, to_serving
 from agent.serving.loop import Identity, ServingLoop, ready
@@ -43,19 +43,7 @@ PROCESS_NAME = "edge-serve"
 WARMUP_CALLS = 20
 
 
-class WorkerFailed(AgentError):
-    pass
-
-
-class EngineLoadFailed(WorkerFailed):
-    """The process is fine; the engine is not."""
-
-
-class HandOverRefused(AgentError):
-    """The serving process kept its clients: the one meant to take them is gone."""
-
-
-class WorkerPool:
+class ServingPool:
     """The serving processes. Each model loads in one; the process of a model that is released
     stays as a spare (engine closed, runtime imported, a CUDA context kept) and loads the next one,
     so a steady stream of swaps alternates between two processes and starts none: starting a
@@ -66,11 +54,11 @@ class WorkerPool:
 
     def __init__(self, backend: Backend | None) -> None:
         self.backend = backend
-        self._spares: list[EngineWorker] = []
-        self._all: set[EngineWorker] = set()  # every process started and not yet closed
+        self._spares: list[ServingProcess] = []
+        self._all: set[ServingProcess] = set()  # every process started and not yet closed
         self._lock = threading.Lock()
 
-    def start(self, engine_path: Path | None, identity: Identity) -> EngineWorker:
+    def start(self, engine_path: Path | None, identity: Identity) -> ServingProcess:
         with self._lock:
             spare = self._spares.pop() if self._spares and engine_path is not None else None
         if spare is None:
@@ -81,18 +69,18 @@ class WorkerPool:
         except EngineLoadFailed:
             self.retire(spare)
             raise
-        except WorkerFailed:
+        except ServingFailed:
             spare.close()
             return self._new(engine_path, identity)
         return spare
 
-    def _new(self, engine_path: Path | None, identity: Identity) -> EngineWorker:
-        worker = EngineWorker(self.backend, engine_path, identity)
+    def _new(self, engine_path: Path | None, identity: Identity) -> ServingProcess:
+        worker = ServingProcess(self.backend, engine_path, identity)
         with self._lock:
             self._all = {w for w in self._all if not w.closed} | {worker}
         return worker
 
-    def retire(self, worker: EngineWorker) -> None:
+    def retire(self, worker: ServingProcess) -> None:
         """A released model's process: kept as a spare (engine closed), else ended. Releasing
         one twice changes nothing."""
         with self._lock:
@@ -105,7 +93,7 @@ class WorkerPool:
                     if len(self._spares) < self.MAX_SPARES:
                         self._spares.append(worker)
                         return
-            except WorkerFailed as err:
+            except ServingFailed as err:
                 log.warning("serving process %d cannot be reused: %s", worker.pid, err)
         worker.close()
 
@@ -117,7 +105,7 @@ class WorkerPool:
             worker.close()
 
 
-class EngineWorker:
+class ServingProcess:
     """The daemon's side of one serving process. Not thread-safe beyond its request lock: the
     pipeline thread starts it, then hands it to the coordinator."""
 
@@ -145,7 +133,7 @@ class EngineWorker:
         self.outputs: list[TensorSpec] = []
         try:
             ready = self._reply(ready_timeout_s)
-        except WorkerFailed:
+        except ServingFailed:
             self.close()
             raise
         if "error" in ready:
@@ -163,7 +151,7 @@ class EngineWorker:
                 if fd is not None:
                     reduction.send_handle(self.ctl, fd, self.pid)
             except OSError as err:
-                raise WorkerFailed(self.failure() or f"the serving process is unreachable: {err}") from err
+                raise ServingFailed(self.failure() or f"the serving process is unreachable: {err}") from err
             return self._reply(timeout)
 
     def _reply(self, timeout: float) -> dict[str, Any]:
@@ -173,12 +161,12 @@ class EngineWorker:
                 return reply
         except (EOFError, OSError):
             self.proc.join(1)
-            raise WorkerFailed(self.failure() or "the serving process closed its channel") from None
+            raise ServingFailed(self.failure() or "the serving process closed its channel") from None
         # A late reply would be read as the answer to the next request: a process that does not
         # answer its control channel in time is ended.
         self.proc.kill()
         self.proc.join(5)
-        raise WorkerFailed(f"the serving process (pid {self.pid}) did not answer within {timeout:g} s; ended it")
+        raise ServingFailed(f"the serving process (pid {self.pid}) did not answer within {timeout:g} s; ended it")
 
     def load(self, engine_path: Path, identity: Identity, timeout: float = 600.0) -> None:
         """A spare process loads the next model (it must hold no clients)."""
@@ -187,7 +175,7 @@ class EngineWorker:
             raise EngineLoadFailed(f"the engine does not load: {reply['error']}")
         if "inputs" not in reply:
             self.close()
-            raise WorkerFailed(f"the serving process answered a load with {reply!r}")
+            raise ServingFailed(f"the serving process answered a load with {reply!r}")
         self.identity = identity
         self.inputs = [TensorSpec.from_json(t) for t in reply["inputs"]]
         self.outputs = [TensorSpec.from_json(t) for t in reply["outputs"]]
@@ -201,7 +189,7 @@ class EngineWorker:
     def stats(self) -> dict[str, Any]:
         return self.request({"cmd": "stats"})
 
-    def hand_over_to(self, successor: EngineWorker) -> dict[str, Any]:
+    def hand_over_to(self, successor: ServingProcess) -> dict[str, Any]:
         """This process sends its listener and clients to `successor`; returns its last counts.
         HandOverRefused (this process keeps serving) when the successor cannot take them."""
         reply = self.request({"cmd": "handover"}, successor._feed.fileno())
@@ -242,7 +230,7 @@ class EngineWorker:
         if self.proc.is_alive():
             try:
                 self.request({"cmd": "stop"}, timeout=2.0)
-            except WorkerFailed as err:
+            except ServingFailed as err:
                 log.warning("serving process %d did not stop cleanly: %s", self.pid, err)
             self.proc.join(2)
         if self.proc.is_alive():
@@ -261,7 +249,7 @@ class GateEngine:
     RUN_TIMEOUT_S = 60.0
     TIME_TIMEOUT_S = 600.0
 
-    def __init__(self, worker: EngineWorker) -> None:
+    def __init__(self, worker: ServingProcess) -> None:
         self.worker = worker
         self.inputs = worker.inputs
         self.outputs = worker.outputs
@@ -280,7 +268,7 @@ class GateEngine:
     def _ask(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
         try:
             reply = self.worker.request(msg, timeout=timeout)
-        except WorkerFailed as err:
+        except ServingFailed as err:
             raise RejectedModel("validate", f"the model's serving process failed during the gate: {err}") from err
         if "error" in reply:
             raise RejectedModel("validate", f"the model failed during the gate: {reply['error']}")
@@ -321,10 +309,10 @@ def _warm_up(engine: Any) -> None:
 
 __all__ = [
     "EngineLoadFailed",
-    "EngineWorker",
     "GateEngine",
     "HandOverRefused",
     "Identity",
-    "WorkerFailed",
-    "WorkerPool",
+    "ServingFailed",
+    "ServingPool",
+    "ServingProcess",
 ]

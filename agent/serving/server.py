@@ -21,8 +21,9 @@ from typing import Any
 
 from agent.contract.protocol import TensorSpec
 from agent.engines import Backend
+from agent.errors import HandOverRefused, ServingFailed
 from agent.proc.sched import describe, to_foreground
-from agent.serving.process import EngineWorker, GateEngine, HandOverRefused, Identity, WorkerFailed, WorkerPool
+from agent.serving.process import GateEngine, Identity, ServingPool, ServingProcess
 from agent.serving.telemetry import LatencyRecorder
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ STATS_EVERY_S = 0.1
 class ServedModel:
     """A loaded model: its serving process, started and warmed up."""
 
-    worker: EngineWorker
+    worker: ServingProcess
 
     @property
     def version(self) -> str:
@@ -81,14 +82,14 @@ class InferenceServer:
         self.serving_cpus = set(serving_cpus or ())
         # Everything else (this daemon, its children, a standby model) stays off the serving CPUs.
         self.background_cpus = os.sched_getaffinity(0) - self.serving_cpus if self.serving_cpus else None
-        self.pool = WorkerPool(backend)
+        self.pool = ServingPool(backend)
         self.requests = 0
         self.errors = 0
         self.clients = 0
         self.stats = SwapStats("")
         self.failure: str | None = None  # why the process in service ended, until the next swap
         self._model: ServedModel | None = None
-        self._holder: EngineWorker | None = None  # the process that holds the listener and clients
+        self._holder: ServingProcess | None = None  # the process that holds the listener and clients
         self._listener: socket.socket | None = None
         self._next_stats = 0.0
 
@@ -115,7 +116,7 @@ class InferenceServer:
 
     def load(self, engine_path: Path, version: str, sha256: str, deploy_config: dict[str, Any] | None) -> ServedModel:
         """Load an engine in a serving process (a spare one when there is one), off the serving
-        path; raises WorkerFailed (EngineLoadFailed: the engine's fault) with the reason."""
+        path; raises ServingFailed (EngineLoadFailed: the engine's fault) with the reason."""
         identity = Identity(version, sha256, self.backend.name, deploy_config)
         return ServedModel(self.pool.start(engine_path, identity))
 
@@ -165,7 +166,7 @@ class InferenceServer:
         except HandOverRefused:
             new.standby_priority(self.background_cpus)
             raise
-        except WorkerFailed as err:  # it is gone (or was ended): its clients reconnect to the new one
+        except ServingFailed as err:  # it is gone (or was ended): its clients reconnect to the new one
             log.warning("the serving process %d could not hand over (%s): starting afresh", holder.pid, err)
             holder.close()
             new.give(self._listener)
@@ -207,7 +208,7 @@ class InferenceServer:
         self._next_stats = now + STATS_EVERY_S
         try:
             self._count(self._holder.stats())
-        except WorkerFailed as err:
+        except ServingFailed as err:
             self.failure = str(err)
             log.error("serving failed: %s", err)
 

@@ -14,8 +14,10 @@ import queue
 import socket
 import threading
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 from agent.errors import DaemonNotRunning
 from agent.system.peercred import Authority, peer_of
@@ -27,6 +29,7 @@ REPLY_TIMEOUT_S = 30.0
 # need building first (after a TensorRT upgrade): minutes.
 LOAD_REPLY_TIMEOUT_S = 1800.0
 LOADING_COMMANDS = ("rollback", "activate", "pin")
+OperatorVerb = Literal["rollback", "activate", "pin"]
 
 
 def reply_timeout(cmd: str) -> float:
@@ -37,17 +40,119 @@ def reply_timeout(cmd: str) -> float:
 DEBUG_HANG_ENV = "EDGE_AGENT_DEBUG_HANG"  # "1" enables the `debug-hang` request (tests only)
 
 
-class ControlServer:
+# -- what the daemon is asked: one typed request per command, parsed where it enters --------------
+@dataclass(frozen=True)
+class StatusQuery:
+    """`agent status`."""
+
+
+@dataclass(frozen=True)
+class DeployFile:
+    """`agent deploy`: the file, already received under <state_dir>/incoming."""
+
+    path: Path
+    version: str
+    skip_checks: tuple[str, ...] = ()
+    deploy_config: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class OperatorCommand:
+    """`agent rollback`, `agent activate VERSION`, `agent pin VERSION`: answered once the model serves."""
+
+    verb: OperatorVerb
+    version: str | None
+
+
+@dataclass(frozen=True)
+class Unpin:
+    """`agent unpin`."""
+
+
+@dataclass(frozen=True)
+class DebugHang:
+    """Test hook, parsed only under EDGE_AGENT_DEBUG_HANG=1: the coordinator answers, then blocks
+    for `seconds` so that the watchdog pings stop. Production never sets that variable (the unit
+    does not, and `agent doctor` warns when it is set)."""
+
+    seconds: float
+
+
+Request = StatusQuery | DeployFile | OperatorCommand | Unpin | DebugHang
+
+
+class _ReplyBase(TypedDict):
+    ok: bool
+
+
+class Reply(_ReplyBase, total=False):
+    """The daemon's answer, one JSON object: `ok`, and `error` when it is false."""
+
+    error: str
+    denied: bool  # refused for the caller's identity (peercred)
+    status: dict[str, Any]  # StatusQuery: agent.coordinator.status.Status
+    version: str  # OperatorCommand: the model now active; DeployFile: the version deployed
+    was: str | None  # Unpin: the version it was pinned to
+    id: int  # DeployFile: the model record, for `agent deploy --wait`
+    sha256: str  # DeployFile
+
+
+def refused(error: str) -> Reply:
+    return {"ok": False, "error": error}
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ControlRequest(Generic[R]):
+    """A parsed request for the thread that serves it (the agent's coordinator: a `Request`; the
+    Go2 controller's loop: its own); the connection's thread waits on `reply` for the answer (the
+    agent's is a `Reply`)."""
+
+    request: R
+    reply: queue.Queue[Any]
+
+
+def parse_request(obj: dict[str, Any], received: Path | None) -> Request:
+    """The typed request for a JSON object from the socket; ValueError names what is wrong."""
+    cmd = obj["cmd"]
+    if cmd == "status":
+        return StatusQuery()
+    if cmd == "unpin":
+        return Unpin()
+    if cmd in LOADING_COMMANDS:
+        version = obj.get("version")
+        if version is not None and not isinstance(version, str):
+            raise ValueError("'version' is a string")
+        verb: OperatorVerb = cmd
+        return OperatorCommand(verb, version or None)
+    if cmd == "deploy" and received is not None:
+        skip = obj.get("skip_checks") or []
+        config = obj.get("deploy_config")
+        if not isinstance(skip, list) or not all(isinstance(c, str) for c in skip):
+            raise ValueError("'skip_checks' is a list of check names")
+        if config is not None and not isinstance(config, dict):
+            raise ValueError("'deploy_config' is an object")
+        return DeployFile(received, str(obj.get("version") or ""), tuple(skip), config)
+    if cmd == "debug-hang" and os.environ.get(DEBUG_HANG_ENV) == "1":
+        return DebugHang(float(obj.get("seconds", 3600)))
+    raise ValueError(f"unknown command {cmd!r}")
+
+
+class ControlServer(Generic[R]):
     def __init__(
         self,
         path: Path,
         incoming: Path,
-        events: queue.Queue[tuple[Any, ...]],
+        post: Callable[[ControlRequest[R]], None],
+        parse: Callable[[dict[str, Any], Path | None], R],
         authority: Authority | None = None,
     ) -> None:
         self.path = path
         self.incoming = incoming
-        self.events = events
+        self.post = post
+        self.parse = parse  # the JSON object (and a received file) -> the typed request; ValueError
         self.authority = authority
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -90,22 +195,25 @@ class ControlServer:
                 if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
                     raise ValueError("a request is a JSON object with a string 'cmd'")
                 refusal = self.authority.refusal(peer_of(conn), request["cmd"]) if self.authority else None
-                reply = {"ok": False, "error": refusal, "denied": True} if refusal else self._handle(f, request)
+                reply: Reply = {"ok": False, "error": refusal, "denied": True} if refusal else self._handle(f, request)
             except (ValueError, OSError, KeyError, TypeError, RecursionError) as err:
-                reply = {"ok": False, "error": f"bad request: {err}"}
+                reply = refused(f"bad request: {err}")
             f.write(json.dumps(reply).encode() + b"\n")
             f.flush()
 
-    def _handle(self, f: Any, request: dict[str, Any]) -> dict[str, Any]:
-        if request["cmd"] == "deploy":
-            size = request.get("size")
+    def _handle(self, f: Any, obj: dict[str, Any]) -> Reply:
+        received = None
+        if obj["cmd"] == "deploy":
+            size = obj.get("size")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ValueError("deploy needs 'size': the byte count that follows")
-            request["path"] = str(self._receive(f, size))
-        elif request["cmd"] == "debug-hang" and os.environ.get(DEBUG_HANG_ENV) == "1":
-            # Test hook: blocks the coordinator thread so that the watchdog pings stop.
-            self.events.put(("debug-hang", float(request.get("seconds", 3600))))
-            return {"ok": True}
+            received = self._receive(f, size)
+        try:
+            request = self.parse(obj, received)
+        except (ValueError, TypeError):
+            if received is not None:
+                received.unlink(missing_ok=True)
+            raise
         return self._ask(request)
 
     def _receive(self, f: Any, size: int) -> Path:
@@ -121,17 +229,15 @@ class ControlServer:
                 left -= len(block)
         return part
 
-    def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        reply: queue.Queue[dict[str, Any]] = queue.Queue(1)
-        self.events.put(("control", request, reply))
-        wait = reply_timeout(request["cmd"])
+    def _ask(self, request: R) -> Reply:
+        reply: queue.Queue[Reply] = queue.Queue(1)
+        self.post(ControlRequest(request, reply))
+        wait = LOAD_REPLY_TIMEOUT_S if isinstance(request, OperatorCommand) else REPLY_TIMEOUT_S
         try:
-            return reply.get(timeout=wait)
+            answer: Reply = reply.get(timeout=wait)
+            return answer
         except queue.Empty:
-            return {
-                "ok": False,
-                "error": f"the daemon did not answer within {wait:.0f} s (`agent status` shows its state)",
-            }
+            return refused(f"the daemon did not answer within {wait:.0f} s (`agent status` shows its state)")
 
 
 def call(path: Path, request: dict[str, Any], payload: Path | None = None, timeout: float = 60.0) -> dict[str, Any]:

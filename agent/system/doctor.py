@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from agent.config import AgentConfig, load
-from agent.errors import AgentError
+from agent.errors import AgentError, BackendUnavailable
 from agent.proc.child import available_mb
 from agent.proc.sched import fifo_allowed
 
@@ -141,7 +141,7 @@ def _cuda(cfg: AgentConfig) -> list[Check]:
 
 
 def _backend(cfg: AgentConfig) -> list[Check]:
-    from agent.engines import BackendUnavailable, select_backend
+    from agent.engines import select_backend
 
     try:
         b = select_backend(cfg.backend, cfg.build.workspace_mb, cfg.build.fp16)

@@ -18,10 +18,10 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from watchdog.events import DirMovedEvent, FileClosedEvent, FileMovedEvent, File
 from watchdog.observers.inotify import InotifyObserver
 
 from agent.errors import RejectedModel
+from agent.system.reload import CONFIG_CHANGED, ReloadRequested
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,21 @@ logging.getLogger("watchdog.observers.inotify").addFilter(_StopRace())
 MODEL_SUFFIX = ".onnx"
 
 
+@dataclass(frozen=True)
+class FileDropped:
+    """A model file appeared in the drop folder."""
+
+    path: Path
+
+
+Post = Callable[[FileDropped | ReloadRequested], None]
+
+
 class _Handler(FileSystemEventHandler):
-    def __init__(self, inbox: Path | None, config: Path | None, events: queue.Queue[tuple[Any, ...]]) -> None:
+    def __init__(self, inbox: Path | None, config: Path | None, post: Post) -> None:
         self.inbox = inbox
         self.config = config
-        self.events = events
+        self.post = post
 
     def on_closed(self, event: FileClosedEvent) -> None:
         self._saw(_path(event.src_path))
@@ -63,9 +74,9 @@ class _Handler(FileSystemEventHandler):
 
     def _saw(self, path: Path) -> None:
         if self.config is not None and path == self.config:
-            self.events.put(("reload", "config file changed"))
+            self.post(ReloadRequested(CONFIG_CHANGED))
         elif self.inbox is not None and path.parent == self.inbox and is_model_name(path.name):
-            self.events.put(("inbox", str(path)))
+            self.post(FileDropped(path))
 
 
 def _path(p: bytes | str) -> Path:
@@ -79,11 +90,11 @@ def is_model_name(name: str) -> bool:
 class Watcher:
     """One inotify observer for the inbox and the config file's directory."""
 
-    def __init__(self, inbox: Path | None, config: Path | None, events: queue.Queue[tuple[Any, ...]]) -> None:
+    def __init__(self, inbox: Path | None, config: Path | None, post: Post) -> None:
         # Full events: a move from outside the folder is reported as a move, not as a create.
         self.observer = InotifyObserver(generate_full_events=True)
         self.observer.name = "inbox-watch"
-        handler = _Handler(inbox, config.resolve() if config else None, events)
+        handler = _Handler(inbox, config.resolve() if config else None, post)
         if inbox is not None:
             inbox.mkdir(parents=True, exist_ok=True)
             self.observer.schedule(handler, str(inbox), recursive=False)

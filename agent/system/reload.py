@@ -18,6 +18,14 @@ log = logging.getLogger(__name__)
 
 # Applied in place; any other change is reported as needing a restart.
 RELOADABLE = ("log_level", "telemetry", "s3", "security", "disk_reserve_mb", "outbox_max_events")
+CONFIG_CHANGED = "config file changed"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadRequested:
+    """SIGHUP (`systemctl reload`) or the config file changing."""
+
+    why: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +58,7 @@ class Reloader:
         if self.path is None:
             return self._done(Outcome(False, error="the agent was started without a config file"), why)
         digest = _digest(self.path)
-        if why == "config file changed" and digest == self.digest:
+        if why == CONFIG_CHANGED and digest == self.digest:
             return self._done(Outcome(True), why)
         try:
             new = load(self.path)
