@@ -17,7 +17,8 @@ from agent.client import Policy
 from agent.engines.onnxruntime import OnnxRuntimeBackend
 from agent.errors import HandOverRefused, RejectedModel, ServingFailed
 from agent.serving import wire
-from agent.serving.process import GateEngine, Identity, ServingPool, ServingProcess
+from agent.serving.pipe import Identity, TakeCounts
+from agent.serving.process import GateEngine, ServingPool, ServingProcess
 from tests.models import mlp
 
 
@@ -64,19 +65,19 @@ def test_a_partial_request_and_the_connection_move_to_the_next_process(
         assert wire.parse_response(_read_frame(client))[2] == "a"
         other(obs["obs"])
         assert other.model_version == "a"
-        assert a.stats()["clients"] == 2
+        assert a.stats().clients == 2
 
         half = wire.request(wire.INFER, 2, obs)
         client.sendall(half[:20])
         time.sleep(0.2)  # a has read them: it holds 20 bytes of a request when the swap comes
         moved = a.hand_over_to(b)
-        assert moved["moved"] == 2
+        assert moved.moved == 2
         client.sendall(half[20:])
         kind, rid, version, _, _ = wire.parse_response(_read_frame(client))
         assert (kind, rid, version) == (wire.RESULT, 2, "b")
         other(obs["obs"])
         assert other.model_version == "b"  # the same connection: no reconnect
-        assert b.stats()["clients"] == 2 and a.stats()["clients"] == 0
+        assert b.stats().clients == 2 and a.stats().clients == 0
 
         b.hand_over_to(a)  # a rollback is a hand-over back
         client.sendall(wire.request(wire.INFER, 3, obs))
@@ -125,7 +126,7 @@ def test_a_hand_over_to_a_dead_process_keeps_the_clients_where_they_are(
         with pytest.raises(HandOverRefused, match="did not take the clients"):
             a.hand_over_to(b)
         policy(x)  # the same connection, still answered by a
-        assert policy.model_version == "a" and a.stats()["clients"] == 1
+        assert policy.model_version == "a" and a.stats().clients == 1
 
 
 def test_a_large_partial_request_moves_too(
@@ -138,7 +139,7 @@ def test_a_large_partial_request_moves_too(
         client.connect(str(tmp_path / "infer.sock"))
         client.sendall(big[:150_000])
         time.sleep(0.2)  # a holds 150 KB of it
-        assert a.hand_over_to(b)["moved"] == 1
+        assert a.hand_over_to(b).moved == 1
         client.sendall(big[150_000:])
         _kind, rid, version, _, _ = wire.parse_response(_read_frame(client))
         assert (rid, version) == (9, "b")  # answered (an error: the model takes a batch of 1) by b
@@ -148,7 +149,7 @@ def test_a_process_that_does_not_answer_is_ended(workers: tuple[ServingProcess, 
     _, b, _ = workers
     os.kill(b.pid, signal.SIGSTOP)
     with pytest.raises(ServingFailed, match="did not answer within 0.5 s; ended it"):
-        b.request({"cmd": "stats"}, timeout=0.5)
+        b.request(TakeCounts(), timeout=0.5)
     assert not b.proc.is_alive()  # no late reply can be taken for the next request's
 
 

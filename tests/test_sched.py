@@ -12,7 +12,8 @@ import pytest
 
 from agent.engines.onnxruntime import OnnxRuntimeBackend
 from agent.proc import sched
-from agent.serving.process import Identity, ServingProcess
+from agent.serving.pipe import Identity
+from agent.serving.process import ServingProcess
 from tests.conftest import mlp
 
 ROOT = os.geteuid() == 0

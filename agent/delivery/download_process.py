@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -20,6 +21,26 @@ from agent.proc.sched import start_in_background
 _MP = multiprocessing.get_context("spawn")
 POLL_S = 0.1
 PROGRESS_STEP = 1 << 20
+
+
+# -- what the download child sends ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Received:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Complete:
+    pass
+
+
+ChildMessage = Received | Refused | Complete
 
 
 def download(
@@ -58,17 +79,18 @@ def _follow(
         if not recv.poll(POLL_S):
             continue
         try:
-            msg = recv.recv()
+            msg: ChildMessage = recv.recv()
         except EOFError:
             proc.join(5)
             why = exit_reason(proc.exitcode or 0, "the download process")
             raise FetchError(f"the download process ended without a result: {why}") from None
-        if msg[0] == "progress":
-            progress(msg[1], msg[2])
-        elif msg[0] == "error":
-            raise FetchError(msg[1])
-        else:
-            return
+        match msg:
+            case Received():
+                progress(msg.done, msg.total)
+            case Refused():
+                raise FetchError(msg.reason)
+            case Complete():
+                return
     raise Cancelled("the agent is stopping")
 
 
@@ -92,14 +114,14 @@ def _child(
     def report(done: int, total: int) -> None:
         if done == total or done - sent[0] >= PROGRESS_STEP:
             sent[0] = done
-            conn.send(("progress", done, total))
+            conn.send(Received(done, total))
 
     try:
         client = s3_client(s3.endpoint_url, s3.region, s3.connect_timeout_s, s3.read_timeout_s)
         fetch(client, ref, Path(dest), sha256, size, reserve_bytes, report, s3.max_download_mbps)
-        conn.send(("done",))
+        conn.send(Complete())
     except FetchError as err:
-        conn.send(("error", err.reason))
+        conn.send(Refused(err.reason))
     except Exception as err:  # anything else still comes back as a reason
-        conn.send(("error", f"{type(err).__name__}: {err}"))
+        conn.send(Refused(f"{type(err).__name__}: {err}"))
     conn.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,20 @@ from agent.proc.sched import start_in_background
 
 _MP = multiprocessing.get_context("spawn")
 Signature = tuple[list[TensorSpec], list[TensorSpec]]
+
+
+# -- what the check child answers -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Valid:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+@dataclass(frozen=True)
+class Invalid:
+    reason: str
+
+
 RECYCLE_BYTES = 64 << 20  # after a file this large the child ends (its heap stays that large)
 
 
@@ -33,16 +48,15 @@ class _Checker:
     def check(self, path: Path, timeout_s: float) -> Signature:
         with self._lock:
             try:
-                ok, payload = self._ask(path, timeout_s)
+                answer = self._ask(path, timeout_s)
             finally:
                 if self._proc is not None and (not self._proc.is_alive() or _size(path) > RECYCLE_BYTES):
                     self._stop()
-        if not ok:
-            raise RejectedModel("onnx", str(payload))
-        inputs, outputs = payload
-        return inputs, outputs
+        if isinstance(answer, Invalid):
+            raise RejectedModel("onnx", answer.reason)
+        return answer.inputs, answer.outputs
 
-    def _ask(self, path: Path, timeout_s: float) -> tuple[bool, Any]:
+    def _ask(self, path: Path, timeout_s: float) -> Valid | Invalid:
         if self._proc is None or not self._proc.is_alive():
             self._start()
         assert self._conn is not None
@@ -51,7 +65,7 @@ class _Checker:
             if not self._conn.poll(timeout_s):
                 self._stop()
                 raise RejectedModel("onnx", f"the ONNX check took longer than {timeout_s:g} s")
-            reply: tuple[bool, Any] = self._conn.recv()
+            reply: Valid | Invalid = self._conn.recv()
             return reply
         except (EOFError, OSError):
             self._proc.join(5)
@@ -100,8 +114,8 @@ def _serve(conn: Connection) -> None:
         except (EOFError, OSError):  # the daemon closed its end
             return
         try:
-            conn.send((True, signature(check_onnx(Path(path)))))
+            conn.send(Valid(*signature(check_onnx(Path(path)))))
         except RejectedModel as err:
-            conn.send((False, err.reason))
+            conn.send(Invalid(err.reason))
         except Exception as err:  # a check that breaks is a rejection with its reason, not a lost child
-            conn.send((False, f"{type(err).__name__}: {err}"))
+            conn.send(Invalid(f"{type(err).__name__}: {err}"))

@@ -37,6 +37,31 @@ BUILD_PROCESS_NAME = "edge-build"
 INHERITED_MARK = "fresh"
 
 
+# -- what the build child sends --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Started:
+    mark: str  # the child's INHERITED_MARK: "fresh" unless it inherited our memory
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fraction: float | None
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+ChildMessage = Started | Stage | Failure | Done
+
+
 @dataclass
 class BuildInfo:
     """What `agent status` shows of a running build."""
@@ -141,17 +166,18 @@ def _over_limit(cfg: BuildConfig, info: BuildInfo, cancelled: Callable[[], str |
 
 
 def _handle(
-    msg: tuple[Any, ...], info: BuildInfo, on_progress: OnProgress, error: str | None, done: bool
+    msg: ChildMessage, info: BuildInfo, on_progress: OnProgress, error: str | None, done: bool
 ) -> tuple[str | None, bool]:
-    if msg[0] == "hello":
-        info.child_mark = str(msg[1])
-    elif msg[0] == "progress":
-        info.stage, info.fraction = msg[1], msg[2]
-        on_progress(info)
-    elif msg[0] == "error":
-        error = str(msg[1])
-    elif msg[0] == "done":
-        done = True
+    match msg:
+        case Started():
+            info.child_mark = msg.mark
+        case Stage():
+            info.stage, info.fraction = msg.name, msg.fraction
+            on_progress(info)
+        case Failure():
+            error = msg.reason
+        case Done():
+            done = True
     return error, done
 
 
@@ -168,19 +194,19 @@ def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection)
             f.write("1000")  # the OOM killer's first choice, not the daemon
     except OSError:
         pass
-    conn.send(("hello", INHERITED_MARK))
+    conn.send(Started(INHERITED_MARK))
 
     lock = threading.Lock()  # TensorRT calls its progress monitor from several threads
 
     def progress(stage: str, fraction: float | None) -> None:
         with lock:
-            conn.send(("progress", stage, fraction))
+            conn.send(Stage(stage, fraction))
 
     try:
         backend.build(Path(onnx_path), Path(engine_path), progress)
     except BaseException as err:  # everything goes back as the reason, then a non-zero exit
-        conn.send(("error", str(err) or type(err).__name__))
+        conn.send(Failure(str(err) or type(err).__name__))
         conn.close()
         os._exit(1)
-    conn.send(("done",))
+    conn.send(Done())
     conn.close()

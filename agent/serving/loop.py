@@ -20,10 +20,8 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from typing import Any
 
 import numpy as np
 
@@ -31,55 +29,31 @@ from agent.engines import Engine
 from agent.engines.probes import time_calls
 from agent.errors import ProtocolError
 from agent.serving import wire
+from agent.serving.pipe import (
+    Counts,
+    Failed,
+    HandedOver,
+    HandOver,
+    Identity,
+    Load,
+    Outputs,
+    Ready,
+    Reply,
+    Request,
+    Run,
+    Stop,
+    Stopped,
+    TakeCounts,
+    Time,
+    Times,
+    Unload,
+    Unloaded,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_FDS = 250  # per SCM_RIGHTS message (the kernel's limit is 253)
 PIECE = 1 << 16  # buffered bytes follow the descriptors in messages of at most this size
-
-
-@dataclass
-class Identity:
-    """What the INFO request answers."""
-
-    version: str
-    sha256: str
-    backend: str
-    deploy_config: dict[str, Any] | None = None
-
-    def info(self, engine: Engine) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "version": self.version,
-            "sha256": self.sha256,
-            "backend": self.backend,
-            "inputs": [t.to_json() for t in engine.inputs],
-            "outputs": [t.to_json() for t in engine.outputs],
-        }
-        if self.deploy_config is not None:
-            d["deploy_config"] = self.deploy_config
-        return d
-
-
-@dataclass
-class Counts:
-    """What this process served since the daemon last asked (the daemon keeps the totals)."""
-
-    requests: int = 0
-    errors: int = 0
-    nonfinite: int = 0
-    samples: list[int] = field(default_factory=list)  # inference µs per answered request
-
-    def take(self, clients: int) -> dict[str, Any]:
-        d = {
-            "requests": self.requests,
-            "errors": self.errors,
-            "nonfinite": self.nonfinite,
-            "samples": self.samples,
-            "clients": clients,
-        }
-        self.requests = self.errors = self.nonfinite = 0
-        self.samples = []
-        return d
 
 
 class _Conn:
@@ -92,10 +66,9 @@ class _Conn:
         self.writing = False  # registered for EVENT_WRITE (a reply did not fit the socket buffer)
 
 
-def ready(engine: Engine | None) -> dict[str, Any]:
+def ready(engine: Engine | None) -> Ready:
     """The reply to a load: the engine's I/O, which the daemon checks models against."""
-    specs = (engine.inputs, engine.outputs) if engine is not None else ([], [])
-    return {"ready": True, "inputs": [t.to_json() for t in specs[0]], "outputs": [t.to_json() for t in specs[1]]}
+    return Ready(list(engine.inputs), list(engine.outputs)) if engine is not None else Ready([], [])
 
 
 class ServingLoop:
@@ -147,43 +120,51 @@ class ServingLoop:
     # -- the daemon's requests -------------------------------------------------------------------
     def _on_ctl(self) -> None:
         try:
-            msg = self.ctl.recv()
+            msg: Request = self.ctl.recv()
         except (EOFError, OSError):  # the daemon is gone (PR_SET_PDEATHSIG ends us too)
             self._stop = True
             return
-        cmd = msg.get("cmd")
-        if cmd == "stats":
-            self.ctl.send(self.counts.take(len(self._conns)))
-        elif cmd == "handover":
-            target = socket.socket(fileno=reduction.recv_handle(self.ctl))
-            try:
-                self.ctl.send({"moved": self._hand_over(target), **self.counts.take(0)})
-            except OSError as err:
-                self.ctl.send({"error": f"the next serving process did not take the clients: {err}"})
-            finally:
-                target.close()
-        elif cmd == "load":
-            self.ctl.send(self.load_model(msg["engine_path"], msg["identity"]))
-        elif cmd == "unload":
-            self._unload()
-            self.ctl.send({"unloaded": True})
-        elif cmd in ("run", "time"):
-            self.ctl.send(self._gate(msg))
-        elif cmd == "stop":
-            self._stop = True
-            self.ctl.send({"stopped": True})
+        self.ctl.send(self._reply_to(msg))
+
+    def _reply_to(self, msg: Request) -> Reply:
+        match msg:
+            case TakeCounts():
+                return self._take_counts(len(self._conns))
+            case HandOver():
+                target = socket.socket(fileno=reduction.recv_handle(self.ctl))
+                try:
+                    return HandedOver(self._hand_over(target), self._take_counts(0))
+                except OSError as err:
+                    return Failed(f"the next serving process did not take the clients: {err}")
+                finally:
+                    target.close()
+            case Load():
+                return self.load_model(msg.engine_path, msg.identity)
+            case Unload():
+                self._unload()
+                return Unloaded()
+            case Run() | Time():
+                return self._gate(msg)
+            case Stop():
+                self._stop = True
+                return Stopped()
+
+    def _take_counts(self, clients: int) -> Counts:
+        taken, self.counts = self.counts, Counts()
+        taken.clients = clients
+        return taken
 
     # -- a spare process loads the next model --------------------------------------------------------
-    def load_model(self, engine_path: str, identity: Identity) -> dict[str, Any]:
+    def load_model(self, engine_path: str, identity: Identity) -> Ready | Failed:
         if self._serving:
-            return {"error": "this process is serving: hand its clients over first"}
+            return Failed("this process is serving: hand its clients over first")
         if self.load is None:
-            return {"error": "this process has no backend"}
+            return Failed("this process has no backend")
         self._unload()
         try:
             self.engine = self.load(engine_path)
         except Exception as err:
-            return {"error": f"{type(err).__name__}: {err}"}
+            return Failed(f"{type(err).__name__}: {err}")
         self.identity = identity
         gc.collect()
         gc.freeze()  # what is loaded stays; a full collection never walks it while we serve
@@ -193,25 +174,25 @@ class ServingLoop:
     def _serving(self) -> bool:
         return bool(self._conns) or self._listener is not None
 
-    def _gate(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def _gate(self, msg: Run | Time) -> Outputs | Times | Failed:
         """The gate's calls on a loaded model that serves no one yet: outputs for some inputs
-        ("run"), or each call's time, measured here where it will serve ("time")."""
+        (Run), or each call's time, measured here where it will serve (Time)."""
         if self._serving:
-            return {"error": "this process is serving: the gate runs before the swap"}
+            return Failed("this process is serving: the gate runs before the swap")
         if self.engine is None:
-            return {"error": "no model loaded"}
+            return Failed("no model loaded")
         try:
-            if msg["cmd"] == "run":
-                return {"outputs": [self.engine.run(feed) for feed in msg["feeds"]]}
-            return {"us": time_calls(self.engine, msg["feed"], msg["calls"])}
+            if isinstance(msg, Run):
+                return Outputs([self.engine.run(feed) for feed in msg.feeds])
+            return Times(time_calls(self.engine, msg.feed, msg.calls))
         except Exception as err:
-            return {"error": f"{type(err).__name__}: {err}"}
+            return Failed(f"{type(err).__name__}: {err}")
 
     def _unload(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.close()
-        self.identity = Identity("", "", self.identity.backend)
+        self.identity = self.identity.emptied()
         gc.unfreeze()
 
     # -- the hand-over -----------------------------------------------------------------------------

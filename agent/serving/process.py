@@ -24,7 +24,7 @@ import threading
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -34,11 +34,31 @@ from agent.engines.probes import random_inputs
 from agent.errors import EngineLoadFailed, HandOverRefused, RejectedModel, ServingFailed
 from agent.proc.child import die_with_parent, exit_reason
 from agent.proc.sched import pin, start_in_background, to_background, to_serving
-from agent.serving.loop import Identity, ServingLoop, ready
+from agent.serving.loop import ServingLoop, ready
+from agent.serving.pipe import (
+    Counts,
+    Failed,
+    HandedOver,
+    HandOver,
+    Identity,
+    Load,
+    Outputs,
+    Ready,
+    Reply,
+    Request,
+    Run,
+    Stop,
+    TakeCounts,
+    Time,
+    Times,
+    Unload,
+    Unloaded,
+)
 
 log = logging.getLogger(__name__)
 
 _MP = multiprocessing.get_context("spawn")
+R = TypeVar("R")
 PROCESS_NAME = "edge-serve"
 WARMUP_CALLS = 20
 
@@ -132,19 +152,14 @@ class ServingProcess:
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
         try:
-            ready = self._reply(ready_timeout_s)
+            self._loaded(self._reply(ready_timeout_s), identity)
         except ServingFailed:
             self.close()
             raise
-        if "error" in ready:
-            self.close()
-            raise EngineLoadFailed(f"the engine does not load: {ready['error']}")
-        self.inputs = [TensorSpec.from_json(t) for t in ready["inputs"]]
-        self.outputs = [TensorSpec.from_json(t) for t in ready["outputs"]]
         log.info("serving process %d started (%s)", self.pid, identity.version or "no model")
 
     # -- requests --------------------------------------------------------------------------------
-    def request(self, msg: dict[str, Any], fd: int | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    def request(self, msg: Request, fd: int | None = None, timeout: float = 5.0) -> Reply:
         with self._lock:
             try:
                 self.ctl.send(msg)
@@ -154,10 +169,10 @@ class ServingProcess:
                 raise ServingFailed(self.failure() or f"the serving process is unreachable: {err}") from err
             return self._reply(timeout)
 
-    def _reply(self, timeout: float) -> dict[str, Any]:
+    def _reply(self, timeout: float) -> Reply:
         try:
             if self.ctl.poll(timeout):
-                reply: dict[str, Any] = self.ctl.recv()
+                reply: Reply = self.ctl.recv()
                 return reply
         except (EOFError, OSError):
             self.proc.join(1)
@@ -170,31 +185,43 @@ class ServingProcess:
 
     def load(self, engine_path: Path, identity: Identity, timeout: float = 600.0) -> None:
         """A spare process loads the next model (it must hold no clients)."""
-        reply = self.request({"cmd": "load", "engine_path": str(engine_path), "identity": identity}, timeout=timeout)
-        if "error" in reply:
-            raise EngineLoadFailed(f"the engine does not load: {reply['error']}")
-        if "inputs" not in reply:
+        try:
+            self._loaded(self.request(Load(str(engine_path), identity), timeout=timeout), identity)
+        except EngineLoadFailed:
+            raise
+        except ServingFailed:
             self.close()
-            raise ServingFailed(f"the serving process answered a load with {reply!r}")
-        self.identity = identity
-        self.inputs = [TensorSpec.from_json(t) for t in reply["inputs"]]
-        self.outputs = [TensorSpec.from_json(t) for t in reply["outputs"]]
+            raise
         log.debug("serving process %d loaded %s", self.pid, identity.version)
 
+    def _loaded(self, reply: Reply, identity: Identity) -> None:
+        """The answer to a load (or to the start): the engine's I/O, or why it does not load."""
+        if isinstance(reply, Failed):
+            raise EngineLoadFailed(f"the engine does not load: {reply.error}")
+        if not isinstance(reply, Ready):
+            raise ServingFailed(f"the serving process answered a load with {reply!r}")
+        self.identity, self.inputs, self.outputs = identity, reply.inputs, reply.outputs
+
     def unload(self) -> None:
-        self.request({"cmd": "unload"}, timeout=30.0)
-        self.identity = Identity("", "", self.identity.backend)
+        self._expect(self.request(Unload(), timeout=30.0), Unloaded)
+        self.identity = self.identity.emptied()
         self.inputs, self.outputs = [], []
 
-    def stats(self) -> dict[str, Any]:
-        return self.request({"cmd": "stats"})
+    def stats(self) -> Counts:
+        return self._expect(self.request(TakeCounts()), Counts)
 
-    def hand_over_to(self, successor: ServingProcess) -> dict[str, Any]:
-        """This process sends its listener and clients to `successor`; returns its last counts.
-        HandOverRefused (this process keeps serving) when the successor cannot take them."""
-        reply = self.request({"cmd": "handover"}, successor._feed.fileno())
-        if "error" in reply:
-            raise HandOverRefused(reply["error"])
+    def hand_over_to(self, successor: ServingProcess) -> HandedOver:
+        """This process sends its listener and clients to `successor`; returns how many moved and
+        its last counts. HandOverRefused (this process keeps serving) when the successor cannot
+        take them."""
+        reply = self.request(HandOver(), successor._feed.fileno())
+        if isinstance(reply, Failed):
+            raise HandOverRefused(reply.error)
+        return self._expect(reply, HandedOver)
+
+    def _expect(self, reply: Reply, kind: type[R]) -> R:
+        if not isinstance(reply, kind):
+            raise ServingFailed(f"the serving process (pid {self.pid}) answered {reply!r}, not {kind.__name__}")
         return reply
 
     def give(self, listener: socket.socket) -> None:
@@ -229,7 +256,7 @@ class ServingProcess:
         self._closed = True
         if self.proc.is_alive():
             try:
-                self.request({"cmd": "stop"}, timeout=2.0)
+                self.request(Stop(), timeout=2.0)
             except ServingFailed as err:
                 log.warning("serving process %d did not stop cleanly: %s", self.pid, err)
             self.proc.join(2)
@@ -255,24 +282,22 @@ class GateEngine:
         self.outputs = worker.outputs
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs: dict[str, np.ndarray] = self._ask({"cmd": "run", "feeds": [feeds]}, self.RUN_TIMEOUT_S)["outputs"][0]
-        return outputs
+        return self._ask(Run([feeds]), self.RUN_TIMEOUT_S, Outputs).outputs[0]
 
     def time_calls(self, feed: dict[str, np.ndarray], calls: int) -> list[float]:
-        times: list[float] = self._ask({"cmd": "time", "feed": feed, "calls": calls}, self.TIME_TIMEOUT_S)["us"]
-        return times
+        return self._ask(Time(feed, calls), self.TIME_TIMEOUT_S, Times).us
 
     def close(self) -> None:
         """Nothing to free: the process and its model serve once the gate passes."""
 
-    def _ask(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def _ask(self, msg: Run | Time, timeout: float, kind: type[R]) -> R:
         try:
             reply = self.worker.request(msg, timeout=timeout)
+            if isinstance(reply, Failed):
+                raise RejectedModel("validate", f"the model failed during the gate: {reply.error}")
+            return self.worker._expect(reply, kind)
         except ServingFailed as err:
             raise RejectedModel("validate", f"the model's serving process failed during the gate: {err}") from err
-        if "error" in reply:
-            raise RejectedModel("validate", f"the model failed during the gate: {reply['error']}")
-        return reply
 
 
 def _child(
@@ -292,7 +317,7 @@ def _child(
     if engine_path is not None:
         reply = loop.load_model(engine_path, identity)
         ctl.send(reply)
-        if "error" in reply:
+        if isinstance(reply, Failed):
             return
     else:
         gc.freeze()
@@ -305,14 +330,3 @@ def _warm_up(engine: Any) -> None:
     feed = random_inputs(engine.inputs, 1)[0]
     for _ in range(WARMUP_CALLS):
         engine.run(feed)
-
-
-__all__ = [
-    "EngineLoadFailed",
-    "GateEngine",
-    "HandOverRefused",
-    "Identity",
-    "ServingFailed",
-    "ServingPool",
-    "ServingProcess",
-]

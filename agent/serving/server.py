@@ -23,7 +23,8 @@ from agent.contract.protocol import TensorSpec
 from agent.engines import Backend
 from agent.errors import HandOverRefused, ServingFailed
 from agent.proc.sched import describe, to_foreground
-from agent.serving.process import GateEngine, Identity, ServingPool, ServingProcess
+from agent.serving.pipe import Counts, Identity
+from agent.serving.process import GateEngine, ServingPool, ServingProcess
 from agent.serving.telemetry import LatencyRecorder
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class InferenceServer:
         assert holder is not None and self._listener is not None, "start() first"
         new.serving_priority(self.rt_priority, self.serving_cpus)
         try:
-            self._count(holder.hand_over_to(new))
+            self._count(holder.hand_over_to(new).counts)
         except HandOverRefused:
             new.standby_priority(self.background_cpus)
             raise
@@ -212,15 +213,15 @@ class InferenceServer:
             self.failure = str(err)
             log.error("serving failed: %s", err)
 
-    def _count(self, got: dict[str, Any]) -> None:
+    def _count(self, got: Counts) -> None:
         stats = self.stats
-        self.requests += got["requests"]
-        self.errors += got["errors"]
-        self.clients = got["clients"]
-        stats.requests += got["requests"]
-        stats.errors += got["errors"]
-        stats.nonfinite += got["nonfinite"]
-        for us in got["samples"]:
+        self.requests += got.requests
+        self.errors += got.errors
+        self.clients = got.clients
+        stats.requests += got.requests
+        stats.errors += got.errors
+        stats.nonfinite += got.nonfinite
+        for us in got.samples:
             self.recorder.record(us)
             stats.latency.record(us)
 
