@@ -11,6 +11,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig, config_path, load
+from agent.contract.cli_options import accept_everywhere
 from agent.errors import AgentError, DaemonNotRunning
 
 EXIT_NOT_RUNNING = 3  # as `systemctl status` says of a stopped unit
@@ -35,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agent", description="edge-agent: models from the fleet, served on this robot.")
-    p.add_argument("--config", help="TOML config (default: $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml)")
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     c = sub.add_parser("run", help="run the daemon (what the systemd unit starts)")
@@ -76,7 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     from agent.go2.cli import add_parser as add_go2
 
     add_go2(sub)
+    accept_everywhere(p, _global_options)
     return p
+
+
+def _global_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument(
+        "--config", default=default, help="TOML config (default: $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml)"
+    )
 
 
 def cmd_doctor(config_file: Path, args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.contract.cli_options import accept_everywhere
 from agent.errors import AgentError
 from cloud.config import FleetConfig, config_path, load
 
@@ -28,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleet", description="Publish models to the robots and see the fleet.")
-    p.add_argument("--config", help="TOML config (default: $FLEET_CONFIG, then ./fleet.toml)")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     c = sub.add_parser("publish", help="upload an ONNX model and announce it on a channel")
     c.add_argument("model", type=Path)
@@ -59,7 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=200)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_events)
+    accept_everywhere(p, _global_options)
     return p
+
+
+def _global_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("--config", default=default, help="TOML config (default: $FLEET_CONFIG, then ./fleet.toml)")
 
 
 def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:

@@ -73,3 +73,39 @@ def test_cli_reports_config_errors_with_exit_2(tmp_path: Path, capsys: pytest.Ca
 
     assert main(["--config", str(write(tmp_path, MINIMAL + "bogus = 1\n")), "status"]) == 2
     assert "unknown key 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "X", "status", "--json"],
+        ["status", "--config", "X", "--json"],
+        ["status", "--json", "--config", "X"],
+    ],
+)
+def test_agent_takes_global_options_before_and_after_the_subcommand(argv: list[str]) -> None:
+    from agent.cli import _parser
+
+    args = _parser().parse_args(argv)
+    assert (args.config, args.json) == ("X", True)
+
+
+def test_global_options_reach_nested_subcommands_and_default_to_none() -> None:
+    from agent.cli import _parser
+    from cloud.cli import _parser as fleet_parser
+
+    assert _parser().parse_args(["go2", "status", "--config", "G"]).config == "G"
+    assert _parser().parse_args(["--config", "G", "go2", "status"]).config == "G"
+    assert _parser().parse_args(["run"]).config is None
+    assert fleet_parser().parse_args(["status", "--config", "F"]).config == "F"
+    assert fleet_parser().parse_args(["--config", "F", "events", "--json"]).config == "F"
+    assert fleet_parser().parse_args(["collect"]).config is None
+
+
+def test_agent_run_config_after_the_subcommand_is_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`agent status --config X` talks to the daemon X configures (here: none is running)."""
+    from agent.cli import main
+
+    cfg = write(tmp_path, MINIMAL.replace("/tmp/r/", f"{tmp_path}/r/").replace("/tmp/s", f"{tmp_path}/s"))
+    assert main(["status", "--config", str(cfg)]) == 3
+    assert f"{tmp_path}/r/control.sock" in capsys.readouterr().out
