@@ -26,17 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import onnxruntime as ort  # noqa: E402
-
-from agent.client import Policy  # noqa: E402
-from agent.contract.mqtt_client import host_port, make_client  # noqa: E402
-from agent.contract.protocol import Topics  # noqa: E402
-from tests.models import mlp  # noqa: E402
-from tests.services import (  # noqa: E402
+import onnxruntime as ort
+from loopback.models import mlp
+from loopback.services import (
     Mosquitto,
     MotoS3,
     bin_path,
@@ -46,6 +38,11 @@ from tests.services import (  # noqa: E402
     write_fleet_config,
 )
 
+from agent.client import Policy
+from agent.contract.mqtt_client import host_port, make_client
+from agent.contract.protocol import Topics
+
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, **s3_env()}
 
 

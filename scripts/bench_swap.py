@@ -26,17 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from agent.contract.protocol import Manifest  # noqa: E402
-from agent.delivery.s3_fetch import s3_client  # noqa: E402
-from agent.system.control import call  # noqa: E402
-from cloud import config as fleet_config  # noqa: E402
-from cloud.publish import announce  # noqa: E402
-from scripts.bench_serving import round_trips  # noqa: E402
-from tests.models import mlp  # noqa: E402
-from tests.services import (  # noqa: E402
+from bench_serving import round_trips
+from loopback.models import mlp
+from loopback.services import (
     Mosquitto,
     MotoS3,
     bin_path,
@@ -46,6 +38,13 @@ from tests.services import (  # noqa: E402
     write_fleet_config,
 )
 
+from agent.contract.protocol import Manifest
+from agent.delivery.s3_fetch import s3_client
+from agent.system.control import call
+from cloud import config as fleet_config
+from cloud.publish import announce
+
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, **s3_env()}
 # The client stands for the Go2 controller, which its unit runs SCHED_FIFO 80 (systemd/go2-controller
 # .service); root can give it that here. Everything is measured the same way in every phase.

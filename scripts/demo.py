@@ -18,11 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.models import mlp  # noqa: E402
-from tests.services import (  # noqa: E402
+from loopback.models import mlp
+from loopback.services import (
     Mosquitto,
     MotoS3,
     bin_path,
@@ -32,6 +29,7 @@ from tests.services import (  # noqa: E402
     write_fleet_config,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".demo"
 ENV = {**os.environ, **s3_env()}
 

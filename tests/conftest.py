@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.models import mlp  # noqa: F401  (re-exported for the tests)
-from tests.services import (
+from scripts.loopback.models import mlp  # noqa: F401  (re-exported for the tests)
+from scripts.loopback.services import (
     Mosquitto,
     MotoS3,
     bin_path,
@@ -27,6 +27,15 @@ from tests.services import (
 )
 
 GO2_DIR = Path(os.environ.get("GO2_DATA", Path(__file__).resolve().parents[2] / "shared" / "go2"))
+SERVICE_FIXTURES = frozenset({"broker", "s3", "fleet"})  # real mosquitto, moto's S3 server, agents
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts real services is an integration test, marked or not: `scripts/test
+    --quick` (-m "not integration") leaves it out."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)

@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "client": {"errors", "serving"},  # what a controller imports: the wire format, no daemon
     "go2": {"errors", "contract", "config", "go2.settings", "client", "engines", "system"},
-    "cli": {"agent", "errors", "config", "proc", "system", "coordinator", "go2"},
+    "cli": {"agent", "errors", "contract", "config", "proc", "system", "coordinator", "go2"},
     "protocol": {"contract"},  # agent.protocol: the contract's public name
     "cloud": {"errors", "contract", "config", "delivery", "go2"},
 }

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.services import Mosquitto, MotoS3, bin_path, free_port, s3_env, write_agent_config
+from scripts.loopback.services import Mosquitto, MotoS3, bin_path, free_port, s3_env, write_agent_config
 
 
 def config(folder: Path, broker: str, s3: str, extra: str = "") -> Path:

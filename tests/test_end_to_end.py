@@ -18,6 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
+def served_by(fleet: Fleet, cfg: Path, requests: int) -> None:
+    """Wait until the agent has answered `requests` calls in all."""
+    wait_for(lambda: fleet.status(cfg)["requests"] >= requests, 30, f"{requests} requests served")
+
+
 def start_load(fleet: Fleet, cfg: Path, hz: int = 250) -> tuple[subprocess.Popen[bytes], Path]:
     out = cfg.parent / f"load-{time.monotonic_ns()}.json"
     p = fleet.spawn(
@@ -52,10 +57,10 @@ def test_publish_swap_under_load_then_restart_without_download(fleet: Fleet, tmp
     fleet.publish(v1, "v1")
     fleet.wait_active(cfg, "v1")
     load, out = start_load(fleet, cfg, hz=250)
-    time.sleep(1.0)
+    served_by(fleet, cfg, 200)  # the client calls v1 before the swap...
     fleet.publish(v2, "v2")
     fleet.wait_active(cfg, "v2")
-    time.sleep(1.0)
+    served_by(fleet, cfg, fleet.status(cfg)["requests"] + 200)  # ...and v2 after it
     # The cloud sees the device, what it runs and how fast: looked at while the client still calls,
     # since each telemetry message covers its own interval (one after the load would count 0 calls).
     row = wait_for(

@@ -21,8 +21,8 @@ from agent.coordinator.store import Store
 from agent.engines import cache, engine_key
 from agent.engines.build import BUILD_PROCESS_NAME
 from agent.engines.onnxruntime import OnnxRuntimeBackend
+from scripts.loopback.services import stop
 from tests.conftest import Fleet, mlp, wait_for
-from tests.services import stop
 
 pytestmark = pytest.mark.integration
 

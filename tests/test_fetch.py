@@ -12,7 +12,7 @@ import pytest
 from agent.contract.protocol import ObjectRef
 from agent.delivery.s3_fetch import fetch, s3_client
 from agent.errors import FetchError
-from tests.services import MotoS3
+from scripts.loopback.services import MotoS3
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scripts.loopback.services import stop
 from tests.conftest import Fleet, wait_for
 from tests.go2util import (
     PRESETS,
@@ -23,7 +24,6 @@ from tests.go2util import (
     variant,
     wait_mode,
 )
-from tests.services import stop
 from tests.test_go2_walk import start_controller, start_sim
 
 pytestmark = pytest.mark.integration
@@ -74,8 +74,8 @@ def test_stale_lowstate_damps_and_sigterm_is_clean(fleet: Fleet, tmp_path: Path)
     need_stack()
     cfg = _walking(fleet, tmp_path, lockstep=False, extra="soft_start_s = 600\n")
     arm(cfg)
-    wait_mode(cfg, "soft_start", 120)
-    time.sleep(2)
+    start = wait_mode(cfg, "soft_start", 120)["loop_tick"]
+    wait_for(lambda: controller_status(cfg)["loop_tick"] >= start + 1000, 30, "1000 control periods")
     print(f"\n500 Hz loop period against the real-time simulator: {controller_status(cfg)['loop_period']}")
     assert controller_status(cfg)["mode"] == "soft_start"
     sim = fleet.procs[-2]
@@ -107,8 +107,8 @@ def test_sim_gate_rejects_a_policy_that_does_not_walk(fleet: Fleet, tmp_path: Pa
 
 def test_refuses_to_start_when_the_sport_service_does_not_release(tmp_path: Path) -> None:
     need_stack()
+    from scripts.loopback.services import bin_path
     from tests.conftest import run
-    from tests.services import bin_path
 
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
@@ -126,8 +126,8 @@ def test_legged_gym_48_obs_policy_needs_and_gets_base_velocity(fleet: Fleet, tmp
     import onnx
     from onnx import numpy_helper
 
+    from scripts.loopback.services import bin_path
     from tests.conftest import mlp
-    from tests.services import bin_path
 
     data = go2_data()
     model = mlp(tmp_path / "lg.onnx", dims=(48, 64, 12), seed=3)

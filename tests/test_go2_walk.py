@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.loopback.services import bin_path
 from tests.conftest import Fleet, wait_for
 from tests.go2util import (
     PRESETS,
@@ -22,7 +23,6 @@ from tests.go2util import (
     wait_mode,
     wait_trace,
 )
-from tests.services import bin_path
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from agent.errors import HandOverRefused, RejectedModel, ServingFailed
 from agent.serving import wire
 from agent.serving.pipe import Identity, TakeCounts
 from agent.serving.process import GateEngine, ServingPool, ServingProcess
-from tests.models import mlp
+from scripts.loopback.models import mlp
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from agent.client import Policy
+from scripts.loopback.models import mlp_weights, nan_when_triggered, numpy_forward
 from tests.conftest import Fleet, bin_path, mlp, s3_env, wait_for
-from tests.models import mlp_weights, nan_when_triggered, numpy_forward
 from tests.test_engine_daemon import build_child
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from scripts.loopback.service_harness import agent_cli, agent_process, offline_config
 from tests.conftest import mlp, wait_for
-from tests.svc_helpers import agent_cli, agent_process, offline_config
 
 
 def _status(cfg: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 
 from agent.delivery import onnx_check as mod
 from agent.errors import RejectedModel
-from tests.models import mlp
+from scripts.loopback.models import mlp
 
 
 def test_the_child_is_reused_and_recycled_after_a_large_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from agent.contract.mqtt_client import make_client
+from scripts.loopback.service_harness import agent_process
+from scripts.loopback.services import MOSQUITTO, free_port, stop, wait_port, write_agent_config
 from tests.certs import TestPKI
 from tests.conftest import wait_for
-from tests.services import MOSQUITTO, free_port, stop, wait_port, write_agent_config
-from tests.svc_helpers import agent_process
 
 BROKER_DIR = Path(__file__).resolve().parents[1] / "cloud" / "broker"
 NOT_AUTHORIZED = 0x87

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.loopback.services import Mosquitto, MotoS3
 from tests.conftest import Fleet, mlp, wait_for
-from tests.services import Mosquitto, MotoS3
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.system.control import call
-from tests.svc_helpers import NotifySocket, agent_process, offline_config
+from scripts.loopback.service_harness import NotifySocket, agent_process, offline_config
 
 WATCHDOG_USEC = 1_000_000  # systemd would then expect a ping at least every second; we send every 0.5 s
 

@@ -18,9 +18,9 @@ from agent.engines.build import BuildConfig
 from agent.engines.fleet_share import EngineShare, ShareConfig
 from agent.engines.onnxruntime import OnnxRuntimeBackend
 from agent.engines.provisioner import Obtained, Provisioner
+from scripts.loopback.services import MotoS3
 from tests.backends import Recorder
 from tests.conftest import mlp
-from tests.services import MotoS3
 
 
 @pytest.fixture

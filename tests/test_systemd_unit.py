@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import bin_path
+from scripts.loopback.services import bin_path
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "edge-agent.service"
 ANALYZE = shutil.which("systemd-analyze")
@@ -72,3 +72,11 @@ def test_security_exposure(tmp_path: Path) -> None:
     exposure = float(m.group(1))
     print(f"systemd-analyze security --offline=true: exposure {exposure}")
     assert exposure <= 3.5
+
+
+def test_the_test_hook_cannot_be_enabled_under_the_unit() -> None:
+    """EDGE_AGENT_DEBUG_HANG (the hook that blocks the coordinator) is removed after any Environment=."""
+    from agent.system.control import DEBUG_HANG_ENV
+
+    lines = UNIT.read_text().splitlines()
+    assert f"UnsetEnvironment={DEBUG_HANG_ENV}" in lines

@@ -37,7 +37,7 @@ from agent.proc.child import protect_daemon
 from agent.proc.sched import choose_background, pin_process
 from agent.serving.server import InferenceServer
 from agent.serving.telemetry import LatencyRecorder
-from agent.system.control import ControlRequest, ControlServer, parse_request
+from agent.system.control import DEBUG_HANG_ENV, ControlRequest, ControlServer, parse_request
 from agent.system.inbox import FileDropped
 from agent.system.reload import ReloadRequested
 from agent.system.service import Service, StopRequested
@@ -127,6 +127,8 @@ class Daemon:
         if self.server.background_cpus:
             pin_process(self.server.background_cpus)  # before any child starts: they inherit it
         log.info("downloads, checks, builds and model loads run %s", choose_background(self.cfg.serving_rt_priority))
+        if os.environ.get(DEBUG_HANG_ENV) == "1":
+            log.warning("%s=1: the test hook that blocks the coordinator is on (never on a robot)", DEBUG_HANG_ENV)
         self.service.install_signal_handlers()
         protect_daemon()
         recovery.restore_active(self.store, self.server, self.backend, self.reporter)

@@ -72,8 +72,9 @@ class Unpin:
 @dataclass(frozen=True)
 class DebugHang:
     """Test hook, parsed only under EDGE_AGENT_DEBUG_HANG=1: the coordinator answers, then blocks
-    for `seconds` so that the watchdog pings stop. Production never sets that variable (the unit
-    does not, and `agent doctor` warns when it is set)."""
+    for `seconds` so that the watchdog pings stop. The shipped unit removes that variable
+    (UnsetEnvironment=, applied after any Environment= a drop-in adds), and the daemon says in its
+    log at start when the hook is on."""
 
     seconds: float
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.services import bin_path, free_port, s3_env, stop, write_agent_config
+from .services import bin_path, free_port, s3_env, stop, write_agent_config
 
 
 class NotifySocket:
