@@ -4,34 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig, config_path, load
-from agent.contract.cli_options import accept_everywhere
+from agent.contract import cli_errors
+from agent.contract.cli_errors import EXIT_NOT_RUNNING
+from agent.contract.cli_options import accept_everywhere, global_options, name_arg
 from agent.errors import AgentError, DaemonNotRunning
-
-EXIT_NOT_RUNNING = 3  # as `systemctl status` says of a stopped unit
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: agent.contract.cli_errors (0 done, 1 no, 2 bad request, 3 not running, 4 a
+    service unreachable, 70 a bug)."""
     args = _parser().parse_args(argv)
+    return cli_errors.run("agent", lambda: _command(args), args.debug)
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.func is cmd_doctor:  # doctor reports an invalid config as one of its checks
         return cmd_doctor(config_path(args.config), args)
-    try:
-        cfg = load(config_path(args.config))
-        return int(args.func(cfg, args))
-    except DaemonNotRunning as err:
-        print(f"agent: {err}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    except AgentError as err:
-        print(f"agent: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return int(args.func(load(config_path(args.config)), args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_models)
     c = sub.add_parser("deploy", help="put a local ONNX file through the same pipeline")
     c.add_argument("model", type=Path)
-    c.add_argument("--version", dest="model_version", default="")
+    c.add_argument("--version", dest="model_version", type=name_arg("--version"), help="default: local-<sha256>")
     c.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the outcome (0: don't)")
     c.add_argument(
         "--skip-check",
@@ -61,12 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--deploy-config", type=Path, help="the Go2 deploy config (TOML/JSON) that goes with the model")
     c.set_defaults(func=cmd_deploy)
     c = sub.add_parser("activate", help="activate a staged or stored version (the manual policy's step)")
-    c.add_argument("target_version", metavar="VERSION")
+    c.add_argument("target_version", metavar="VERSION", type=name_arg("VERSION"))
     c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "activate", "version": a.target_version}, "active"))
     c = sub.add_parser("rollback", help="go back to the previous stored model")
     c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "rollback"}, "active"))
     c = sub.add_parser("pin", help="serve VERSION and stop following the channel")
-    c.add_argument("target_version", metavar="VERSION")
+    c.add_argument("target_version", metavar="VERSION", type=name_arg("VERSION"))
     c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "pin", "version": a.target_version}, "pinned"))
     c = sub.add_parser("unpin", help="follow the channel again (catching up with what it announced meanwhile)")
     c.set_defaults(func=lambda cfg, a: _simple(cfg, {"cmd": "unpin"}, "unpinned"))
@@ -76,14 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     from agent.go2.cli import add_parser as add_go2
 
     add_go2(sub)
-    accept_everywhere(p, _global_options)
+    accept_everywhere(p, global_options("TOML config (default: $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml)"))
     return p
-
-
-def _global_options(p: argparse.ArgumentParser, default: object) -> None:
-    p.add_argument(
-        "--config", default=default, help="TOML config (default: $EDGE_AGENT_CONFIG, then /etc/edge-agent/agent.toml)"
-    )
 
 
 def cmd_doctor(config_file: Path, args: argparse.Namespace) -> int:
@@ -198,7 +187,7 @@ def cmd_deploy(cfg: AgentConfig, args: argparse.Namespace) -> int:
     path: Path = args.model
     if not path.is_file():
         raise AgentError(f"{path}: no such file")
-    request = {"cmd": "deploy", "version": args.model_version, "size": path.stat().st_size, "name": path.name}
+    request = {"cmd": "deploy", "version": args.model_version or "", "size": path.stat().st_size, "name": path.name}
     if args.skip_check:
         request["skip_checks"] = sorted(set(args.skip_check))
     if args.deploy_config is not None:

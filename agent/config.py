@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from agent.contract.protocol import DEFAULT_TOPIC_PREFIX
+from agent.contract.protocol import DEFAULT_TOPIC_PREFIX, name_problem, safe_name
 from agent.contract.tomlconf import build, positive, read_toml
 from agent.errors import ConfigError
 from agent.go2.settings import Go2Config
@@ -182,8 +182,9 @@ class AgentConfig:
     go2: Go2Config | None = None  # the Go2 controller and the sim gate (agent/go2)
 
     def check(self) -> None:
-        if not self.channel or "/" in self.channel or "+" in self.channel or "#" in self.channel:
-            raise ConfigError(f"channel: must be a non-empty name without / + #, got {self.channel!r}")
+        problem = name_problem("channel", self.channel)
+        if problem:
+            raise ConfigError(problem)
         if self.disk_reserve_mb < 0:
             raise ConfigError("disk_reserve_mb: must be >= 0")
         positive("outbox_max_events", self.outbox_max_events)
@@ -197,8 +198,9 @@ class AgentConfig:
             raise ConfigError(f"serving_rt_priority: must be 0 (no real-time) to 99, got {self.serving_rt_priority}")
         if not self.device_id:
             self.device_id = default_device_id()
-        if "/" in self.device_id or "+" in self.device_id or "#" in self.device_id:
-            raise ConfigError(f"device_id: must not contain / + #, got {self.device_id!r}")
+        problem = name_problem("device_id", self.device_id)
+        if problem:
+            raise ConfigError(problem)
         if self.control_socket is None:
             self.control_socket = self.socket.parent / "control.sock"
         if self.inbox.path is None:
@@ -224,8 +226,8 @@ def default_device_id() -> str:
         except OSError:
             continue
         if serial:
-            return serial
-    return socket.gethostname()
+            return safe_name(serial)
+    return safe_name(socket.gethostname())
 
 
 def config_path(cli_value: str | None) -> Path:

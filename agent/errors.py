@@ -6,6 +6,7 @@ message is one line a user can act on; code catches the narrowest class that fit
     ├── ProtocolError           a payload does not follow the wire contract
     │   └── SignatureRejected   an announcement's required signature is missing or wrong
     ├── DaemonNotRunning        nothing answers on the daemon's control socket
+    ├── Unreachable             a service (the broker, S3) did not answer or refused us
     ├── Cancelled               work stopped on purpose: the agent is stopping, or a newer model
     │                           superseded this one (a download's .part stays for the next resume)
     ├── BackendUnavailable      the chosen inference backend cannot run on this machine
@@ -45,6 +46,11 @@ class SignatureRejected(ProtocolError):
 
 class DaemonNotRunning(AgentError):
     """`agent` commands that need the daemon raise this when its control socket does not answer."""
+
+
+class Unreachable(AgentError):
+    """A service the command needs (the broker, S3) did not answer or refused; the message says
+    which and what to check."""
 
 
 class Cancelled(AgentError):

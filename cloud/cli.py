@@ -10,21 +10,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.contract.cli_options import accept_everywhere
+from agent.contract import cli_errors
+from agent.contract.cli_options import accept_everywhere, global_options, name_arg
 from agent.errors import AgentError
 from cloud.config import FleetConfig, config_path, load
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: agent.contract.cli_errors (0 done, 2 bad request, 4 a service unreachable, 70 a bug)."""
     args = _parser().parse_args(argv)
-    try:
-        cfg = None if args.func is cmd_keygen else load(config_path(args.config))  # keygen needs no config
-        return int(args.func(cfg, args))
-    except AgentError as err:
-        print(f"fleet: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return cli_errors.run("fleet", lambda: _command(args), args.debug)
+
+
+def _command(args: argparse.Namespace) -> int:
+    cfg = None if args.func is cmd_keygen else load(config_path(args.config))  # keygen needs no config
+    return int(args.func(cfg, args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,9 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     c = sub.add_parser("publish", help="upload an ONNX model and announce it on a channel")
     c.add_argument("model", type=Path)
-    c.add_argument("--channel", required=True)
-    c.add_argument("--version", dest="model_version")
-    c.add_argument("--golden", type=Path, help=".npz of inputs/<name> and outputs/<name> (README: Golden I/O)")
+    c.add_argument("--channel", required=True, type=name_arg("--channel"))
+    c.add_argument("--version", dest="model_version", type=name_arg("--version"))
+    c.add_argument(
+        "--golden", type=Path, help=".npz of inputs/<name>, outputs/<name> (docs/how-it-works.md)"
+    )
     c.add_argument("--latency-budget-us", type=int, help="the gate's p99 budget for this model (default: the device's)")
     c.add_argument("--golden-atol", type=float, help="absolute tolerance against the golden outputs")
     c.add_argument("--golden-rtol", type=float, help="relative tolerance against the golden outputs")
@@ -42,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--deploy-config", type=Path, help="Go2 deploy config (TOML/JSON) carried in the manifest")
     c.set_defaults(func=cmd_publish)
     c = sub.add_parser("rollback", help="announce an earlier version again (a new sequence number)")
-    c.add_argument("--channel", required=True)
-    c.add_argument("--to", required=True, dest="to_version", metavar="VERSION")
+    c.add_argument("--channel", required=True, type=name_arg("--channel"))
+    c.add_argument("--to", required=True, dest="to_version", metavar="VERSION", type=name_arg("--to"))
     c.add_argument("--sign-key", type=Path, help="Ed25519 private key from `fleet keygen`: sign the announcement")
     c.set_defaults(func=cmd_rollback)
     c = sub.add_parser("keygen", help="make an Ed25519 signing key; prints the public key for agents' trusted_keys")
@@ -55,16 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_status)
     c = sub.add_parser("events", help="lifecycle events, oldest first")
-    c.add_argument("--device")
+    c.add_argument("--device", type=name_arg("--device"))
     c.add_argument("--limit", type=int, default=200)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_events)
-    accept_everywhere(p, _global_options)
+    accept_everywhere(p, global_options("TOML config (default: $FLEET_CONFIG, then ./fleet.toml)"))
     return p
-
-
-def _global_options(p: argparse.ArgumentParser, default: object) -> None:
-    p.add_argument("--config", default=default, help="TOML config (default: $FLEET_CONFIG, then ./fleet.toml)")
 
 
 def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:

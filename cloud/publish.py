@@ -23,9 +23,9 @@ from botocore.exceptions import ClientError
 from agent.contract.digest import sha256_file
 from agent.contract.mqtt_client import client_for, host_port
 from agent.contract.onnx_signature import check_onnx, signature
-from agent.contract.protocol import Announcement, Manifest, ObjectRef, Topics, encode
+from agent.contract.protocol import Announcement, Manifest, ObjectRef, Topics, encode, name_problem
 from agent.delivery.s3_fetch import s3_client
-from agent.errors import AgentError, PublishError, RejectedModel
+from agent.errors import AgentError, PublishError, RejectedModel, Unreachable
 from cloud.config import FleetConfig
 
 
@@ -38,6 +38,7 @@ def publish(
     extra: dict[str, Any] | None = None,
     sign_key: Path | None = None,
 ) -> Announcement:
+    _check_names(channel=channel, version=version)
     try:
         proto = check_onnx(model)
     except RejectedModel as err:
@@ -104,7 +105,9 @@ def send_retained(cfg: FleetConfig, topic: str, payload: bytes, timeout: float =
     try:
         client.connect(host, port, keepalive=m.keepalive_s)
     except OSError as err:
-        raise PublishError(f"cannot reach the broker at {m.url}: {err}") from err
+        raise Unreachable(
+            f"cannot reach the broker at {m.url}: {err} (check mqtt.url and that the broker runs)"
+        ) from err
     client.loop_start()
     try:
         info = client.publish(topic, payload, qos=1, retain=True)
@@ -126,7 +129,7 @@ def check_golden_file(path: Path, inputs: list[str], outputs: list[str]) -> None
     want = [f"inputs/{n}" for n in inputs] + [f"outputs/{n}" for n in outputs]
     missing = [n for n in want if n not in names]
     if missing:
-        raise PublishError(f"{path}: golden file lacks {', '.join(missing)} (see README, Golden I/O)")
+        raise PublishError(f"{path}: golden file lacks {', '.join(missing)} (see docs/how-it-works.md, Golden I/O)")
     if len(lengths) != 1:
         raise PublishError(f"{path}: every golden array needs the same number of samples (first axis)")
 
@@ -144,6 +147,14 @@ def deploy_config_extra(path: Path, model: Path) -> dict[str, Any]:
     if why:
         raise PublishError(f"{path} does not fit {model.name}: {why}")
     return {MANIFEST_KEY: dc.source}
+
+
+def _check_names(**names: str | None) -> None:
+    """Before anything is uploaded or announced: each name follows the one rule (NAME_RULE)."""
+    for what, value in names.items():
+        problem = None if value is None else name_problem(what, value)
+        if problem:
+            raise PublishError(problem)
 
 
 def _upload(s3: Any, path: Path, ref: ObjectRef) -> None:
@@ -167,6 +178,7 @@ def _read_json(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
 def rollback(cfg: FleetConfig, channel: str, version: str, sign_key: Path | None = None) -> Announcement:
     """Announce an earlier version again, with a new sequence number: every device follows it,
     downloading it again where it no longer stores it."""
+    _check_names(channel=channel, version=version)
     s3 = s3_client(cfg.s3.endpoint_url, cfg.s3.region)
     data = _read_json(s3, cfg.s3.bucket, f"manifests/{channel}/{version}.json")
     if data is None:

@@ -72,6 +72,11 @@ if live || [ -n "${INSTALL_PIP:-}" ]; then
     || say "WARNING: tensorrt does not import in the venv"
 fi
 
+# The documentation the units point at (Documentation=), beside the venv.
+install -d -m 0755 "$ROOT$PREFIX/docs"
+install -m 0644 "$SRC/README.md" "$ROOT$PREFIX/README.md"
+install -m 0644 "$SRC"/docs/*.md "$ROOT$PREFIX/docs/"
+
 # 5. The config template, only when there is none (the file is the operator's from then on).
 CONF="$ROOT/etc/edge-agent/agent.toml"
 if [ ! -e "$CONF" ]; then

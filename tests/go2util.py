@@ -15,8 +15,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from scripts.loopback.services import bin_path
 from tests.conftest import GO2_DIR, run, wait_for
-from tests.services import bin_path
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "agent" / "go2" / "presets"

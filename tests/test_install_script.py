@@ -37,6 +37,9 @@ def test_install_is_idempotent(tmp_path: Path) -> None:
     assert "include-system-site-packages = true" in venv_cfg  # JetPack's tensorrt bindings
     unit = (tmp_path / "etc/systemd/system/edge-agent.service").read_text()
     assert "ExecStart=/opt/edge-agent/venv/bin/agent --config /etc/edge-agent/agent.toml run" in unit
+    for doc in (line.split("=", 1)[1].split() for line in unit.splitlines() if line.startswith("Documentation=")):
+        for url in doc:  # what the unit's Documentation= names was installed
+            assert (tmp_path / url.removeprefix("file:///")).is_file(), url
 
     text = conf.read_text()
     assert 'channel = "trot"' in text and 'url = "mqtts://broker.lab:8883"' in text

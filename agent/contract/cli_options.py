@@ -6,7 +6,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from agent.contract.protocol import name_problem
+
 AddOptions = Callable[[argparse.ArgumentParser, object], None]  # (parser, default) -> None
+
+
+def global_options(config_help: str) -> AddOptions:
+    """--config and --debug (a traceback instead of one line; agent.contract.cli_errors)."""
+
+    def add(p: argparse.ArgumentParser, default: object) -> None:
+        p.add_argument("--config", default=default, help=config_help)
+        debug_default = False if default is None else default
+        p.add_argument("--debug", action="store_true", default=debug_default, help="show an error's traceback")
+
+    return add
 
 
 def accept_everywhere(parser: argparse.ArgumentParser, add: AddOptions) -> None:
@@ -23,3 +36,16 @@ def _below(parser: argparse.ArgumentParser, add: AddOptions) -> None:
             for sub in action.choices.values():
                 add(sub, argparse.SUPPRESS)
                 _below(sub, add)
+
+
+def name_arg(what: str) -> Callable[[str], str]:
+    """An argparse `type` for a name (agent.contract.protocol.NAME_RULE): a bad one is refused
+    with the rule, before anything is sent, uploaded or written."""
+
+    def check(value: str) -> str:
+        problem = name_problem(what, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return check

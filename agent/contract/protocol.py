@@ -4,6 +4,7 @@ telemetry and status payloads. Everything on MQTT is UTF-8 JSON with a `protocol
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,20 +15,29 @@ from agent.errors import ProtocolError
 __all__ = [
     "DEFAULT_TOPIC_PREFIX",
     "DTYPES",
+    "NAME_RULE",
     "PROTOCOL_VERSION",
     "Announcement",
     "Manifest",
     "ObjectRef",
     "TensorSpec",
     "Topics",
+    "check_name",
     "decode",
     "encode",
+    "name_problem",
     "new_event",
     "now",
+    "safe_name",
     "signature_diff",
 ]
 
 PROTOCOL_VERSION = 1
+
+# One rule for every name that travels or becomes part of a key, a topic or a path: versions,
+# channels, device ids, groups, rollouts. Checked where a name enters (CLI, config, network, drop folder).
+NAME_RULE = "1 to 64 characters: letters, digits, '.', '_' and '-', starting with a letter or a digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_TOPIC_PREFIX = "edge"
 
 # ONNX element types we accept, by the numpy dtype names used on the wire.
@@ -63,7 +73,29 @@ class Topics:
         device_id, _, kind = topic[len(head) :].partition("/")
         if not device_id or kind not in ("status", "events", "telemetry"):
             raise ProtocolError(f"not a device topic: {topic}")
-        return device_id, kind
+        return check_name("device_id", device_id), kind
+
+
+def name_problem(what: str, value: object) -> str | None:
+    """Why `value` is no valid name (NAME_RULE), in one line naming `what`; None when it is one."""
+    if isinstance(value, str) and _NAME.fullmatch(value):
+        return None
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return f"{what} {shown} is not a valid name: use {NAME_RULE}"
+
+
+def check_name(what: str, value: object) -> str:
+    """`value` when it follows NAME_RULE; else ProtocolError (a payload read from the network)."""
+    problem = name_problem(what, value)
+    if problem:
+        raise ProtocolError(problem)
+    return str(value)
+
+
+def safe_name(text: str) -> str:
+    """A valid name made from `text` (a file name, say): other characters become '-'."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", text)[:64]
+    return name if _NAME.fullmatch(name) else ("m" + name)[:64]
 
 
 def now() -> float:
@@ -155,7 +187,8 @@ class Manifest:
         return d
 
     @staticmethod
-    def from_json(d: Any) -> Manifest:
+    def from_json(d: Any, check_names: bool = True) -> Manifest:
+        """`check_names=False` only for records this device stored itself before the naming rule."""
         obj = _obj(d, "manifest")
         known = {
             "version",
@@ -176,8 +209,11 @@ class Manifest:
         if not isinstance(size, int) or size < 0:
             raise ProtocolError("manifest.size must be a non-negative integer")
         golden = obj.get("golden")
+        version = _str(obj, "version")
+        if check_names:
+            check_name("manifest.version", version)
         return Manifest(
-            version=_str(obj, "version"),
+            version=version,
             sha256=sha,
             size=size,
             model=ObjectRef.from_json(obj.get("model")),
@@ -222,7 +258,7 @@ class Announcement:
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
             raise ProtocolError("announcement.sequence must be a non-negative integer")
         return Announcement(
-            channel=_str(obj, "channel"),
+            channel=check_name("announcement.channel", _str(obj, "channel")),
             sequence=seq,
             issued_at=_num(obj, "issued_at"),
             manifest=Manifest.from_json(obj.get("manifest")),

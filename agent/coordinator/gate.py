@@ -110,7 +110,7 @@ def load_golden(
     path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """Golden file: .npz with `inputs/<name>` and `outputs/<name>`, each stacked on a leading
-    sample axis (N, *tensor shape). See README "Golden I/O"."""
+    sample axis (N, *tensor shape). See docs/how-it-works.md, "Golden I/O"."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

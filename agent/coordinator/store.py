@@ -237,7 +237,7 @@ def _record(row: tuple[Any, ...]) -> ModelRecord:
         source,
         ModelState(state),
         reason,
-        Manifest.from_json(json.loads(manifest)),
+        Manifest.from_json(json.loads(manifest), check_names=False),
         engine_key,
         json.loads(figures),
         created,

@@ -1,5 +1,5 @@
 """Downloads run in a spawned child process. boto3 and its HTTP/TLS stack never enter the daemon
-(about 28 MiB less resident), and reading and hashing a large object never competes with the
+(its resident memory: docs/benchmarks.md), and reading and hashing a large object never competes with the
 daemon's threads for the GIL. A cancelled download is killed; its .part stays for the next resume."""
 
 from __future__ import annotations

@@ -7,12 +7,11 @@ background        downloads, ONNX checks, builds, a model loading or standing by
                   nice 10 beside a SCHED_FIFO serving process, SCHED_IDLE beside a nice -5 one
 
 Why the background class depends on the serving one: a fair-class serving process woken behind
-fair-class work can wait a whole scheduler tick on a kernel without full preemption (4 ms at
-HZ=250, measured), and only SCHED_IDLE work yields to it at once. But SCHED_IDLE gets almost
-nothing from a CPU that other work keeps busy (weight 3 against 1024 at nice 0): beside two busy
-loops on this 2-core VM a process starting at SCHED_IDLE had run 0.1 s in 15 s, and the agent did
-not come up. A SCHED_FIFO serving process preempts every fair-class task anyway, so there the
-background runs SCHED_BATCH at nice 10 (weight 110): it still gives way, and it finishes."""
+fair-class work can wait a whole scheduler tick on a kernel without full preemption, and only
+SCHED_IDLE work yields to it at once. But SCHED_IDLE can starve on a CPU that other work keeps
+busy. A SCHED_FIFO serving process preempts every fair-class task anyway, so there the background
+runs SCHED_BATCH at nice 10: it still gives way, and it finishes. The measurements behind this are
+in docs/benchmarks.md ("Measurements behind the design")."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """One serving process per loaded model, and the daemon's handle on it.
 
 Why a process: loading an engine (an ONNX Runtime session, a TensorRT engine) holds the Python
-interpreter lock for milliseconds in C++ code. In a process that also serves, every swap would
-stall the answer to the controller for that long (measured: 1-4 ms per ONNX Runtime session on
-this project's 2-core CI machine, a 2 ms control period). Here the next model loads in its own
+interpreter lock for milliseconds in C++ code (docs/benchmarks.md has the figures). In a process
+that also served, every swap would stall the answer to the controller for that long, longer than
+its control period. Here the next model loads in its own
 process while the current one keeps answering, and the swap is a hand-over of the client sockets
 (agent.serving.loop). A model that crashes its runtime takes down its own process, not the daemon.
 

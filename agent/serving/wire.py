@@ -1,5 +1,5 @@
 """The inference socket's wire protocol (Unix stream socket), shared by the server and
-`agent.client`. Little-endian, length-prefixed binary frames; see README "Wire protocol".
+`agent.client`. Little-endian, length-prefixed binary frames; see docs/protocol.md.
 
     frame    := u32 body_len | body
     request  := u8 kind (1 INFER, 2 INFO) | u32 request_id | [INFER: u16 count | tensor*count]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypedDict, TypeVar
 
+from agent.contract.protocol import name_problem
 from agent.errors import DaemonNotRunning
 from agent.system.peercred import Authority, peer_of
 
@@ -124,8 +125,8 @@ def parse_request(obj: dict[str, Any], received: Path | None) -> Request:
         return Unpin()
     if cmd in LOADING_COMMANDS:
         version = obj.get("version")
-        if version is not None and not isinstance(version, str):
-            raise ValueError("'version' is a string")
+        if version is not None and (problem := name_problem("version", version)):
+            raise ValueError(problem)
         verb: OperatorVerb = cmd
         return OperatorCommand(verb, version or None)
     if cmd == "deploy" and received is not None:
@@ -135,7 +136,10 @@ def parse_request(obj: dict[str, Any], received: Path | None) -> Request:
             raise ValueError("'skip_checks' is a list of check names")
         if config is not None and not isinstance(config, dict):
             raise ValueError("'deploy_config' is an object")
-        return DeployFile(received, str(obj.get("version") or ""), tuple(skip), config)
+        version = obj.get("version") or ""
+        if version and (problem := name_problem("version", version)):
+            raise ValueError(problem)
+        return DeployFile(received, version, tuple(skip), config)
     if cmd == "debug-hang" and os.environ.get(DEBUG_HANG_ENV) == "1":
         return DebugHang(float(obj.get("seconds", 3600)))
     raise ValueError(f"unknown command {cmd!r}")

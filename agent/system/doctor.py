@@ -40,7 +40,7 @@ def run_doctor(config_file: Path) -> list[Check]:
     try:
         cfg = load(config_file)
     except AgentError as err:
-        return [Check("config", FAIL, f"{config_file}: {err}", "fix the key it names; see README's config reference")]
+        return [Check("config", FAIL, f"{config_file}: {err}", "fix the key it names; see docs/configuration.md")]
     checks = [Check("config", OK, f"{config_file} is valid (backend = {cfg.backend!r})")]
     for probe in _probes():
         try:
@@ -291,7 +291,7 @@ def _share_bucket(cfg: AgentConfig) -> Check:
             "share",
             FAIL,
             f"engine bucket {cfg.share.bucket!r}: {err}",
-            "check share.bucket and this device's S3 credentials (see README: trust model)",
+            "check share.bucket and this device's S3 credentials (see docs/engines.md: trust model)",
         )
     trusted = ", ".join(cfg.share.trusted_builders) or "none besides itself"
     return Check("share", OK, f"engine bucket {cfg.share.bucket!r} reachable; trusted builders: {trusted}")

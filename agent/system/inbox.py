@@ -29,6 +29,7 @@ from typing import Any
 from watchdog.events import DirMovedEvent, FileClosedEvent, FileMovedEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
+from agent.contract.protocol import name_problem, safe_name
 from agent.errors import RejectedModel
 from agent.system.reload import CONFIG_CHANGED, ReloadRequested
 
@@ -155,7 +156,12 @@ class Intake:
         part = self.incoming / f"{uuid.uuid4().hex}.part"
         shutil.move(str(path), part)  # a rename when the inbox is in the state dir
         name = path.name
-        return Drop(part, name, version or name[: -len(MODEL_SUFFIX)], sha, _sha256(part), part.stat().st_size, problem)
+        default = safe_name(name[: -len(MODEL_SUFFIX)])  # the file's name, made a valid version
+        if version and not problem:
+            problem = name_problem(f"{name[: -len(MODEL_SUFFIX)]}.json: version", version) or ""
+        if problem:
+            version = default
+        return Drop(part, name, version or default, sha, _sha256(part), part.stat().st_size, problem)
 
     def verify(self, drop: Drop) -> None:
         """RejectedModel when the sidecar's hash does not match (the ONNX parse comes after)."""
