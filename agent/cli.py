@@ -12,7 +12,7 @@ from agent import __version__
 from agent.config import AgentConfig, config_path, load
 from agent.contract import cli_errors
 from agent.contract.cli_errors import EXIT_NOT_RUNNING
-from agent.contract.cli_options import accept_everywhere, global_options, name_arg
+from agent.contract.cli_options import Parser, accept_everywhere, global_options, name_arg
 from agent.errors import AgentError, DaemonNotRunning
 
 
@@ -30,7 +30,7 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agent", description="edge-agent: models from the fleet, served on this robot.")
+    p = Parser(prog="agent", description="edge-agent: models from the fleet, served on this robot.")
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     c = sub.add_parser("run", help="run the daemon (what the systemd unit starts)")
@@ -222,7 +222,7 @@ def _wait_outcome(cfg: AgentConfig, model_id: int, timeout: float) -> int:
             print(f"{rec.version}: {rec.state.value} ({rec.reason})")
             return 0 if rec.state.value in ("active", "staged") else 1
         time.sleep(0.1)
-    print(f"still in progress after {timeout:.0f} s; see `agent status`")
+    print(f"still in progress after {timeout:g} s; see `agent status`")
     return 1
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract import cli_errors
-from agent.contract.cli_options import accept_everywhere, global_options, name_arg
+from agent.contract.cli_options import Parser, accept_everywhere, global_options, name_arg, positive_int, tolerance
 from agent.errors import AgentError
 from cloud.config import FleetConfig, config_path, load
 
@@ -28,18 +28,18 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fleet", description="Publish models to the robots and see the fleet.")
+    p = Parser(prog="fleet", description="Publish models to the robots and see the fleet.")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
     c = sub.add_parser("publish", help="upload an ONNX model and announce it on a channel")
     c.add_argument("model", type=Path)
     c.add_argument("--channel", required=True, type=name_arg("--channel"))
     c.add_argument("--version", dest="model_version", type=name_arg("--version"))
+    c.add_argument("--golden", type=Path, help=".npz of inputs/<name>, outputs/<name> (docs/how-it-works.md)")
     c.add_argument(
-        "--golden", type=Path, help=".npz of inputs/<name>, outputs/<name> (docs/how-it-works.md)"
+        "--latency-budget-us", type=positive_int, help="the gate's p99 budget for this model (default: the device's)"
     )
-    c.add_argument("--latency-budget-us", type=int, help="the gate's p99 budget for this model (default: the device's)")
-    c.add_argument("--golden-atol", type=float, help="absolute tolerance against the golden outputs")
-    c.add_argument("--golden-rtol", type=float, help="relative tolerance against the golden outputs")
+    c.add_argument("--golden-atol", type=tolerance, help="absolute tolerance against the golden outputs")
+    c.add_argument("--golden-rtol", type=tolerance, help="relative tolerance against the golden outputs")
     c.add_argument("--sign-key", type=Path, help="Ed25519 private key from `fleet keygen`: sign the announcement")
     c.add_argument("--deploy-config", type=Path, help="Go2 deploy config (TOML/JSON) carried in the manifest")
     c.set_defaults(func=cmd_publish)
@@ -81,7 +81,15 @@ def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
         from cloud.publish import deploy_config_extra
 
         extra.update(deploy_config_extra(args.deploy_config, args.model))
-    ann = publish(cfg, args.model, args.channel, args.model_version, args.golden, extra, sign_key=args.sign_key)
+    ann = publish(
+        cfg,
+        args.model,
+        channel=args.channel,
+        version=args.model_version,
+        golden=args.golden,
+        extra=extra,
+        sign_key=args.sign_key,
+    )
     _print_announcement(ann)
     return 0
 

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.errors import ConfigError
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
   device_id TEXT PRIMARY KEY, online INTEGER NOT NULL DEFAULT 0, status TEXT NOT NULL DEFAULT '{}',
@@ -24,9 +26,17 @@ CREATE TABLE IF NOT EXISTS telemetry (
 class FleetDB:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as err:
+            raise ConfigError(f"cannot open the collector database {path} ({err}): check [collector] db") from err
+        try:
+            self.db.execute("PRAGMA schema_version")  # reads the header: a foreign file fails here, unwritten
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as err:
+            self.db.close()
+            raise ConfigError(f"{path} is not a collector database ({err}): check [collector] db") from err
 
     def close(self) -> None:
         self.db.close()

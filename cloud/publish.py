@@ -32,9 +32,10 @@ from cloud.config import FleetConfig
 def publish(
     cfg: FleetConfig,
     model: Path,
+    *,
     channel: str,
-    version: str | None,
-    golden: Path | None,
+    version: str | None = None,
+    golden: Path | None = None,
     extra: dict[str, Any] | None = None,
     sign_key: Path | None = None,
 ) -> Announcement:

@@ -44,7 +44,9 @@ def main() -> int:
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
-    result = run(args.socket, args.hz, args.seconds, args.deadline_ms / 1000, stop, args.warmup_s)
+    result = run(
+        args.socket, args.hz, args.seconds, deadline_s=args.deadline_ms / 1000, stop=stop, warmup_s=args.warmup_s
+    )
     tmp = args.out.with_suffix(".part")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.rename(args.out)
@@ -52,7 +54,7 @@ def main() -> int:
 
 
 def run(
-    socket_path: str, hz: float, seconds: float, deadline_s: float, stop: dict[str, bool], warmup_s: float = 0.0
+    socket_path: str, hz: float, seconds: float, *, deadline_s: float, stop: dict[str, bool], warmup_s: float = 0.0
 ) -> dict[str, object]:
     policy = Policy(socket_path)
     spec = policy.info()["inputs"][0]
@@ -83,7 +85,9 @@ def run(
         except (InferenceError, OSError) as err:
             failures[f"{type(err).__name__}: {err}"] += 1
         next_t = _pace(next_t, period)
-    result = summarize(rtts, done_at, failures, versions, time.perf_counter() - counted_from, deadline_s)
+    result = summarize(
+        rtts, done_at, failures, versions, elapsed=time.perf_counter() - counted_from, deadline_s=deadline_s
+    )
     result["missed_at"] = [round(t, 4) for t in missed_at]
     if len(done_at) > 1:  # wall clock of the largest gap's end, to line up with the agent's log
         end = int(np.argmax(np.diff(done_at))) + 1
@@ -106,6 +110,7 @@ def summarize(
     done_at: list[float],
     failures: Counter[str],
     versions: Counter[str],
+    *,
     elapsed: float,
     deadline_s: float,
 ) -> dict[str, object]:

@@ -41,7 +41,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 def build(backend: Backend, onnx_path: Path, tmp_path: Path) -> Path:
     engine = tmp_path / "engine"
-    run_build(backend, onnx_path, engine, BuildConfig(), lambda: None, lambda _: None)
+    run_build(backend, onnx_path, engine, BuildConfig(), cancelled=lambda: None, on_progress=lambda _: None)
     return engine
 
 

@@ -32,8 +32,8 @@ def test_build_runs_in_a_fresh_spawned_child(tmp_path: Path, monkeypatch: pytest
         mlp(tmp_path / "m.onnx"),
         engine,
         BuildConfig(),
-        never,
-        lambda i: seen.append((i.pid, i.stage, i.child_mark)),
+        cancelled=never,
+        on_progress=lambda i: seen.append((i.pid, i.stage, i.child_mark)),
     )
     assert engine.stat().st_size > 0 and seconds > 0
     pids = {pid for pid, _, _ in seen}
@@ -51,8 +51,8 @@ def test_time_limit_kills_the_build(tmp_path: Path) -> None:
             mlp(tmp_path / "m.onnx"),
             engine,
             BuildConfig(time_limit_s=0.05),
-            never,
-            lambda i: None,
+            cancelled=never,
+            on_progress=lambda i: None,
         )
     assert not engine.exists() and not (tmp_path / "engine.part").exists()
 
@@ -63,20 +63,36 @@ def test_sigkill_from_outside_is_reported_as_likely_oom(tmp_path: Path) -> None:
             os.kill(info.pid, signal.SIGKILL)
 
     with pytest.raises(BuildFailed, match=r"killed by signal 9 \(SIGKILL\), likely out of memory"):
-        run_build(OnnxRuntimeBackend(), mlp(tmp_path / "m.onnx"), tmp_path / "engine", BuildConfig(), never, kill_it)
+        run_build(
+            OnnxRuntimeBackend(),
+            mlp(tmp_path / "m.onnx"),
+            tmp_path / "engine",
+            BuildConfig(),
+            cancelled=never,
+            on_progress=kill_it,
+        )
 
 
 def test_memory_guard_kills_the_build(tmp_path: Path) -> None:
     cfg = BuildConfig(min_available_mb=10**9)  # more than any machine has: the guard fires at once
     with pytest.raises(BuildFailed, match=r"killed by the memory guard: \d+ MiB available"):
-        run_build(OnnxRuntimeBackend(), mlp(tmp_path / "m.onnx"), tmp_path / "engine", cfg, never, lambda i: None)
+        run_build(
+            OnnxRuntimeBackend(),
+            mlp(tmp_path / "m.onnx"),
+            tmp_path / "engine",
+            cfg,
+            cancelled=never,
+            on_progress=lambda i: None,
+        )
 
 
 def test_a_model_the_backend_cannot_build_is_rejected_with_its_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage that is not a protobuf model")
     with pytest.raises(BuildFailed, match="ONNX Runtime could not load the model"):
-        run_build(OnnxRuntimeBackend(), bad, tmp_path / "engine", BuildConfig(), never, lambda i: None)
+        run_build(
+            OnnxRuntimeBackend(), bad, tmp_path / "engine", BuildConfig(), cancelled=never, on_progress=lambda i: None
+        )
 
 
 def test_cancellation_stops_the_build(tmp_path: Path) -> None:
@@ -86,8 +102,8 @@ def test_cancellation_stops_the_build(tmp_path: Path) -> None:
             mlp(tmp_path / "m.onnx"),
             tmp_path / "engine",
             BuildConfig(),
-            lambda: "superseded by v2",
-            lambda i: None,
+            cancelled=lambda: "superseded by v2",
+            on_progress=lambda i: None,
         )
 
 
@@ -98,8 +114,8 @@ def test_a_crashing_build_is_reported_with_its_signal(tmp_path: Path) -> None:
             mlp(tmp_path / "m.onnx"),
             tmp_path / "engine",
             BuildConfig(),
-            never,
-            lambda i: None,
+            cancelled=never,
+            on_progress=lambda i: None,
         )
 
 

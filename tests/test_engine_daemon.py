@@ -194,7 +194,9 @@ def test_an_engine_that_hashes_right_but_does_not_load_is_rebuilt_once(fleet: Fl
     engine = Store(cfg.parent / "state").engine_path(key)
     engine.parent.mkdir(parents=True, exist_ok=True)
     engine.write_bytes(b"not an engine")
-    cache.write_sidecar(engine, cache.describe(engine, key, "onnxruntime", "?", "go2-01", 0.0))
+    cache.write_sidecar(
+        engine, cache.describe(engine, key, backend="onnxruntime", version="?", builder="go2-01", build_s=0.0)
+    )
     fleet.start_agent(cfg)
     fleet.publish(model, "v1")
     fleet.wait_active(cfg, "v1")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.contract.protocol import ObjectRef
-from agent.delivery.s3_fetch import fetch, s3_client
+from agent.delivery.s3_fetch import Wanted, fetch, s3_client
 from agent.errors import FetchError
 from scripts.loopback.services import MotoS3
 
@@ -31,15 +31,8 @@ def put(s3: MotoS3, bucket: str, data: bytes) -> ObjectRef:
 
 def get(s3: MotoS3, ref: ObjectRef, dest: Path, data: bytes, sha: str | None = None) -> list[int]:
     seen: list[int] = []
-    fetch(
-        s3_client(s3.url, "us-east-1"),
-        ref,
-        dest,
-        sha or hashlib.sha256(data).hexdigest(),
-        len(data),
-        0,
-        lambda done, _t: seen.append(done),
-    )
+    want = Wanted(ref, dest, sha or hashlib.sha256(data).hexdigest(), len(data))
+    fetch(s3_client(s3.url, "us-east-1"), want, reserve_bytes=0, progress=lambda done, _t: seen.append(done))
     return seen
 
 
@@ -81,31 +74,16 @@ def test_hash_mismatch_leaves_nothing(s3: MotoS3, bucket: str, tmp_path: Path) -
 
 def test_disk_reserve(s3: MotoS3, bucket: str, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="not enough disk"):
-        fetch(
-            s3_client(s3.url, "us-east-1"),
-            put(s3, bucket, DATA),
-            tmp_path / "m.onnx",
-            "0" * 64,
-            len(DATA),
-            2**62,
-            lambda *_: None,
-        )
+        want = Wanted(put(s3, bucket, DATA), tmp_path / "m.onnx", "0" * 64, len(DATA))
+        fetch(s3_client(s3.url, "us-east-1"), want, reserve_bytes=2**62, progress=lambda *_: None)
 
 
 def test_a_download_cap_paces_the_transfer(s3: MotoS3, bucket: str, tmp_path: Path) -> None:
     data = DATA * 3
     ref = put(s3, bucket, data)
     t0 = time.monotonic()
-    fetch(
-        s3_client(s3.url, "us-east-1"),
-        ref,
-        tmp_path / "m.onnx",
-        hashlib.sha256(data).hexdigest(),
-        len(data),
-        0,
-        lambda _d, _t: None,
-        10.0,
-    )
+    want = Wanted(ref, tmp_path / "m.onnx", hashlib.sha256(data).hexdigest(), len(data))
+    fetch(s3_client(s3.url, "us-east-1"), want, reserve_bytes=0, progress=lambda _d, _t: None, max_mbps=10.0)
     took = time.monotonic() - t0
     assert (tmp_path / "m.onnx").read_bytes() == data
     assert took >= len(data) / 10e6, f"{len(data)} bytes at 10 MB/s took only {took:.2f} s"

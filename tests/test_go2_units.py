@@ -67,7 +67,7 @@ def test_lowcmd_crc_matches_the_sdk() -> None:
         q, dq, tau, kp, kd = rng.standard_normal((5, 12))
         cmd.reserve = int(rng.integers(0, 2**32))
         cmd.head = [0xFE, 0xEF]
-        dds.fill_lowcmd(cmd, q, dq, tau, np.abs(kp) * 20, np.abs(kd))  # sets cmd.crc
+        dds.fill_lowcmd(cmd, q, dq, tau, kp=np.abs(kp) * 20, kd=np.abs(kd))  # sets cmd.crc
         assert cmd.crc == ref.Crc(cmd)  # type: ignore[attr-defined]
 
 
@@ -139,7 +139,12 @@ def test_bad_actions_and_targets_are_faults() -> None:
 
 def test_torque_limit_moves_the_target() -> None:
     q_des = limit_torque(
-        np.full(12, 10.0), np.zeros(12), np.zeros(12), np.full(12, 20.0), np.full(12, 0.5), np.full(12, 23.5)
+        np.full(12, 10.0),
+        np.zeros(12),
+        np.zeros(12),
+        kp=np.full(12, 20.0),
+        kd=np.full(12, 0.5),
+        limit=np.full(12, 23.5),
     )
     assert q_des == pytest.approx(np.full(12, 23.5 / 20.0))
 

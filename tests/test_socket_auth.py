@@ -51,7 +51,7 @@ def public_dir() -> Iterator[Path]:
 
 
 def ask_as(
-    uid: int, gid: int, groups: list[int], control: Path, request: dict[str, Any], payload: Path | None = None
+    uid: int, gid: int, groups: list[int], control: Path, request: dict[str, Any], *, payload: Path | None = None
 ) -> dict[str, Any]:
     """A real process with these credentials (root drops them after importing: the interpreter
     lives under /root here) talking to the control socket."""
@@ -106,11 +106,11 @@ def test_status_for_the_group_deploy_for_admins(tmp_path: Path, public_dir: Path
         member = ask_as(NOBODY, service_gid, [], control, {"cmd": "status"})
         assert member["ok"] and member["status"]["state"] == "running"
 
-        denied = ask_as(NOBODY, service_gid, [], control, deploy, model)
+        denied = ask_as(NOBODY, service_gid, [], control, deploy, payload=model)
         assert not denied["ok"] and denied.get("denied")
         assert f"'deploy' needs root or membership of the group '{ADMIN_GROUP}'" in denied["error"]
 
-        admin = ask_as(NOBODY, service_gid, [admin_gid], control, deploy, model)
+        admin = ask_as(NOBODY, service_gid, [admin_gid], control, deploy, payload=model)
         assert admin["ok"] and admin["version"] == "by-admin", admin
 
         stranger = ask_as(STRANGER, STRANGER, [], control, {"cmd": "status"})

@@ -3,7 +3,7 @@ failed and what to check, and a documented exit code. A traceback only with `--d
 EDGE_AGENT_DEBUG=1), and for a bug.
 
     0    done
-    1    done, and the answer is no (a deploy that was rejected, a doctor check that failed)
+    1    done, and the answer is no (a deploy rejected or not done within --wait, a doctor check failed)
     2    a mistake in what was asked: arguments, a name, a config file, an input file
     3    the agent is not running (nothing answers on its control socket)
     4    a service did not answer or refused: the broker, S3 (endpoint, credentials, access, bucket)
@@ -62,13 +62,21 @@ def explain(err: BaseException) -> tuple[int, str] | None:
         return EXIT_UNREACHABLE, str(err)
     if isinstance(err, AgentError):
         return EXIT_USAGE, str(err)
-    if type(err).__module__.startswith("botocore"):
-        return EXIT_UNREACHABLE, _s3(err)
+    if type(err).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer"):
+        return EXIT_UNREACHABLE, _s3(_root_cause(err))
     if isinstance(err, OSError):
         if err.filename is not None:
             return EXIT_USAGE, f"{err.filename}: {err.strerror or err}"
         return EXIT_UNREACHABLE, f"{err.strerror or err} (check the address in the config and the network)"
     return None
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """boto3's transfer errors (S3UploadFailedError) wrap botocore's, which say what happened."""
+    cause = err.__cause__ or err.__context__
+    while cause is not None and type(cause).__module__.split(".")[0] in ("boto3", "s3transfer"):
+        cause = cause.__cause__ or cause.__context__
+    return cause if cause is not None and type(cause).__module__.startswith("botocore") else err
 
 
 def _s3(err: BaseException) -> str:

@@ -4,9 +4,20 @@ subcommand, as git and kubectl users expect (`agent run --config X` and `agent -
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
+from typing import NoReturn
 
 from agent.contract.protocol import name_problem
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument mistake is one line, like every other error (agent.contract.cli_errors): what is
+    wrong and where to look, exit 2. argparse would print the usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
 
 AddOptions = Callable[[argparse.ArgumentParser, object], None]  # (parser, default) -> None
 
@@ -49,3 +60,25 @@ def name_arg(what: str) -> Callable[[str], str]:
         return value
 
     return check
+
+
+def positive_int(value: str) -> int:
+    """An argparse `type`: a whole number above 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0")
+    return number
+
+
+def tolerance(value: str) -> float:
+    """An argparse `type`: a finite number >= 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number >= 0")
+    return number

@@ -20,6 +20,7 @@ from agent.coordinator.lifecycle import ModelState
 from agent.coordinator.store import Store
 from agent.delivery.download_process import download
 from agent.delivery.onnx_check import inspect_onnx
+from agent.delivery.s3_fetch import Wanted
 from agent.engines.provisioner import Hooks, Obtained, Provisioner
 from agent.errors import EngineLoadFailed, RejectedModel, ServingFailed
 from agent.serving.server import InferenceServer, ServedModel
@@ -153,20 +154,13 @@ class Pipeline:
             self.report(cand.record_id, ModelState.DOWNLOADING, where or f"s3://{m.model.bucket}/{m.model.key}", {})
             if not _holds(model_path, m.sha256):
                 progress = functools.partial(self._progress, cand.record_id, [0])
-                download(self.s3, m.model, model_path, m.sha256, m.size, self.reserve_bytes, progress, self.cancel)
+                want = Wanted(m.model, model_path, m.sha256, m.size)
+                download(self.s3, want, reserve_bytes=self.reserve_bytes, progress=progress, cancel=self.cancel)
             if m.golden is not None and m.golden_sha256 and m.golden_size is not None:
                 golden = self.store.golden_path(m.sha256)
                 if not _holds(golden, m.golden_sha256):
-                    download(
-                        self.s3,
-                        m.golden,
-                        golden,
-                        m.golden_sha256,
-                        m.golden_size,
-                        self.reserve_bytes,
-                        lambda *_: None,
-                        self.cancel,
-                    )
+                    want = Wanted(m.golden, golden, m.golden_sha256, m.golden_size)
+                    download(self.s3, want, reserve_bytes=self.reserve_bytes, progress=_quiet, cancel=self.cancel)
                 return golden
         return None
 
@@ -231,6 +225,10 @@ class Pipeline:
             raise
         except ServingFailed as err:
             raise RejectedModel("load", str(err)) from err
+
+
+def _quiet(_done: int, _total: int) -> None:
+    """A golden file's download reports no progress."""
 
 
 def _holds(path: Path, sha256: str) -> bool:

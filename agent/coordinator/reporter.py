@@ -68,6 +68,7 @@ class Reporter:
         sequence: int | None,
         source: str,
         reason: str,
+        *,
         added: str = "announced",
     ) -> ModelRecord:
         """A model refused before it became a candidate (a stale or unsigned announcement, a bad

@@ -10,10 +10,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from agent.config import S3Config
-from agent.contract.protocol import ObjectRef
+from agent.delivery.s3_fetch import Wanted
 from agent.errors import Cancelled, FetchError
 from agent.proc.child import die_with_parent, exit_reason
 from agent.proc.sched import start_in_background
@@ -45,10 +44,8 @@ ChildMessage = Received | Refused | Complete
 
 def download(
     s3: S3Config,
-    ref: ObjectRef,
-    dest: Path,
-    sha256: str,
-    size: int,
+    want: Wanted,
+    *,
     reserve_bytes: int,
     progress: Callable[[int, int], None],
     cancel: threading.Event,
@@ -56,8 +53,7 @@ def download(
     """agent.delivery.s3_fetch.fetch in a child; FetchError with its reason, Cancelled when `cancel` is set."""
     recv, send = _MP.Pipe(duplex=False)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    args = (s3, ref, str(dest), sha256, size, reserve_bytes, send, level)
-    proc = _MP.Process(target=_child, args=args, name="download", daemon=True)
+    proc = _MP.Process(target=_child, args=(s3, want, reserve_bytes, send, level), name="download", daemon=True)
     start_in_background(proc)
     send.close()
     try:
@@ -94,16 +90,7 @@ def _follow(
     raise Cancelled("the agent is stopping")
 
 
-def _child(
-    s3: S3Config,
-    ref: ObjectRef,
-    dest: str,
-    sha256: str,
-    size: int,
-    reserve_bytes: int,
-    conn: Connection,
-    log_level: str,
-) -> None:
+def _child(s3: S3Config, want: Wanted, reserve_bytes: int, conn: Connection, log_level: str) -> None:
     from agent.delivery.s3_fetch import fetch, s3_client
     from agent.proc import logsetup
 
@@ -118,7 +105,7 @@ def _child(
 
     try:
         client = s3_client(s3.endpoint_url, s3.region, s3.connect_timeout_s, s3.read_timeout_s)
-        fetch(client, ref, Path(dest), sha256, size, reserve_bytes, report, s3.max_download_mbps)
+        fetch(client, want, reserve_bytes=reserve_bytes, progress=report, max_mbps=s3.max_download_mbps)
         conn.send(Complete())
     except FetchError as err:
         conn.send(Refused(err.reason))

@@ -13,6 +13,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,20 @@ ATTEMPTS = 5
 Progress = Callable[[int, int], None]
 
 
-def fetch(
-    s3: Any,
-    ref: ObjectRef,
-    dest: Path,
-    sha256: str,
-    size: int,
-    reserve_bytes: int,
-    progress: Progress,
-    max_mbps: float = 0.0,
-) -> None:
-    """Download `ref` to `dest`, verified against `sha256` and `size`, at most `max_mbps` MB/s
-    (0: no cap). Raises FetchError."""
+@dataclass(frozen=True)
+class Wanted:
+    """An object to download: where it is, where it goes, what it must be."""
+
+    ref: ObjectRef
+    dest: Path
+    sha256: str
+    size: int
+
+
+def fetch(s3: Any, want: Wanted, *, reserve_bytes: int, progress: Progress, max_mbps: float = 0.0) -> None:
+    """Download `want.ref` to `want.dest`, verified against its sha256 and size, at most `max_mbps`
+    MB/s (0: no cap). Raises FetchError."""
+    ref, dest, sha256, size = want.ref, want.dest, want.sha256, want.size
     if dest.exists() and sha256_file(dest).hexdigest() == sha256:
         return
     part, etag_file = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.etag")
@@ -55,7 +58,7 @@ def fetch(
     for attempt in range(1, ATTEMPTS + 1):
         try:
             hasher = sha256_file(part) if part.exists() else hashlib.sha256()  # what is already there
-            _stream(s3, ref, part, etag, size, hasher, progress, max_mbps)
+            _stream(s3, want, part, etag, hasher=hasher, progress=progress, max_mbps=max_mbps)
             break
         except (BotoCoreError, ClientError, OSError) as err:
             if _is_precondition_failed(err):
@@ -67,7 +70,7 @@ def fetch(
                 raise FetchError(f"s3://{ref.bucket}/{ref.key}: {err}") from err
             log.warning("download of %s interrupted (%s); retry %d/%d", ref.key, err, attempt, ATTEMPTS)
             time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
-    _finish(part, etag_file, dest, sha256, hasher.hexdigest(), size)
+    _finish(part, etag_file, want, hasher.hexdigest())
 
 
 def _head(s3: Any, ref: ObjectRef, size: int) -> str:
@@ -95,15 +98,9 @@ def _check_disk(folder: Path, needed: int, reserve: int) -> None:
 
 
 def _stream(
-    s3: Any,
-    ref: ObjectRef,
-    part: Path,
-    etag: str,
-    size: int,
-    hasher: hashlib._Hash,
-    progress: Progress,
-    max_mbps: float,
+    s3: Any, want: Wanted, part: Path, etag: str, *, hasher: hashlib._Hash, progress: Progress, max_mbps: float
 ) -> None:
+    ref, size = want.ref, want.size
     offset = part.stat().st_size if part.exists() else 0
     if offset >= size:
         return
@@ -144,7 +141,8 @@ class _Pace:
             time.sleep(ahead)
 
 
-def _finish(part: Path, etag_file: Path, dest: Path, sha256: str, digest: str, size: int) -> None:
+def _finish(part: Path, etag_file: Path, want: Wanted, digest: str) -> None:
+    dest, sha256, size = want.dest, want.sha256, want.size
     got = part.stat().st_size
     if got != size:
         part.unlink(missing_ok=True)

@@ -89,6 +89,7 @@ def run_build(
     onnx_path: Path,
     engine_path: Path,
     cfg: BuildConfig,
+    *,
     cancelled: Callable[[], str | None],
     on_progress: OnProgress,
 ) -> float:
@@ -104,7 +105,7 @@ def run_build(
     info = BuildInfo(proc.pid, "starting", None, started)
     on_progress(info)
     try:
-        error = _watch(proc, recv, cfg, cancelled, info, on_progress)
+        error = _watch(proc, recv, cfg, info, cancelled=cancelled, on_progress=on_progress)
     finally:
         if proc.is_alive():
             proc.kill()
@@ -123,8 +124,9 @@ def _watch(
     proc: Any,
     recv: Connection,
     cfg: BuildConfig,
-    cancelled: Callable[[], str | None],
     info: BuildInfo,
+    *,
+    cancelled: Callable[[], str | None],
     on_progress: OnProgress,
 ) -> str | None:
     """Poll the child until it ends; returns the failure reason, or None on success."""

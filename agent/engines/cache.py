@@ -51,7 +51,7 @@ def sidecar_path(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
-def describe(engine_path: Path, key: str, backend: str, version: str, builder: str, build_s: float) -> EngineMeta:
+def describe(engine_path: Path, key: str, *, backend: str, version: str, builder: str, build_s: float) -> EngineMeta:
     return EngineMeta(
         key=key,
         sha256=sha256_file(engine_path).hexdigest(),

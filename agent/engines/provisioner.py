@@ -117,11 +117,16 @@ class Provisioner:
             hooks.progress(info.to_json())
 
         try:
-            seconds = run_build(self.backend, model_path, path, self.cfg, hooks.cancelled, on_progress)
+            seconds = run_build(
+                self.backend, model_path, path, self.cfg, cancelled=hooks.cancelled, on_progress=on_progress
+            )
         except BaseException:
             self._drop_lease(key)
             raise
-        meta = cache.describe(path, key, self.backend.name, self.backend.version(), self.device_id, seconds)
+        backend = self.backend
+        meta = cache.describe(
+            path, key, backend=backend.name, version=backend.version(), builder=self.device_id, build_s=seconds
+        )
         cache.write_sidecar(path, meta)
         self._built.add(key)
         hooks.notify("engine_built", {"engine_key": key, "build_s": meta.build_s, "size": meta.size})

@@ -73,7 +73,14 @@ def cmd_sim(cfg: AgentConfig, args: argparse.Namespace) -> int:
     domain = s.domain if args.domain is None else args.domain
     interface = (s.interface if args.interface is None else args.interface) or None
     return Simulator(
-        args.mjcf, domain, interface, args.lockstep, args.trace, args.duration, args.estop_at, args.sport_state
+        args.mjcf,
+        domain,
+        interface,
+        args.lockstep,
+        trace=args.trace,
+        duration_s=args.duration,
+        estop_at_s=args.estop_at,
+        sport_state=args.sport_state,
     ).run()
 
 

@@ -182,7 +182,7 @@ class Controller:
                 return self.safety.damping()
         else:
             q_des = self.targets if self.targets is not None else mapper.default_stance()
-        q_des = limit_torque(q_des, state.q, state.dq, kp, kd, limit)
+        q_des = limit_torque(q_des, state.q, state.dq, kp=kp, kd=kd, limit=limit)
         z = np.zeros(12)
         return MotorCommand(q_des, z, z, kp, kd)
 
@@ -260,7 +260,7 @@ class Controller:
     def _fill(self, cmd: MotorCommand, state_tick: int) -> Any:
         if self.cfg.lockstep:
             self.cmd_msg.reserve = max(state_tick, 0) & 0xFFFFFFFF  # the tick this command answers
-        self._last_cmd = dds.fill_lowcmd(self.cmd_msg, cmd.q, cmd.dq, cmd.tau, cmd.kp, cmd.kd)
+        self._last_cmd = dds.fill_lowcmd(self.cmd_msg, cmd.q, cmd.dq, cmd.tau, kp=cmd.kp, kd=cmd.kd)
         return self._last_cmd
 
     # -- requests from the control socket (applied on the loop thread) -----------------------------

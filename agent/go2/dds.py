@@ -116,7 +116,7 @@ class Bus:
         del self.participant
 
 
-def fill_lowcmd(cmd: Any, q: np.ndarray, dq: np.ndarray, tau: np.ndarray, kp: np.ndarray, kd: np.ndarray) -> Any:
+def fill_lowcmd(cmd: Any, q: np.ndarray, dq: np.ndarray, tau: np.ndarray, *, kp: np.ndarray, kd: np.ndarray) -> Any:
     for i in range(12):
         m = cmd.motor_cmd[i]
         m.q, m.dq, m.tau, m.kp, m.kd = float(q[i]), float(dq[i]), float(tau[i]), float(kp[i]), float(kd[i])

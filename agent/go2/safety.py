@@ -86,7 +86,7 @@ class Safety:
 
 
 def limit_torque(
-    q_des: np.ndarray, q: np.ndarray, dq: np.ndarray, kp: np.ndarray, kd: np.ndarray, limit: np.ndarray
+    q_des: np.ndarray, q: np.ndarray, dq: np.ndarray, *, kp: np.ndarray, kd: np.ndarray, limit: np.ndarray
 ) -> np.ndarray:
     """Move q_des so that the motors' PD torque kp(q_des - q) - kd·dq stays within ±limit."""
     tau = np.clip(kp * (q_des - q) - kd * dq, -limit, limit)

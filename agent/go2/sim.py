@@ -36,6 +36,7 @@ class Simulator:
         domain: int,
         interface: str | None,
         lockstep: bool,
+        *,
         trace: Path | None = None,
         duration_s: float | None = None,
         estop_at_s: float | None = None,

@@ -102,7 +102,7 @@ def rollout(engine: Engine, dc: DeployConfig, cfg: Go2Config, command: np.ndarra
     for i in range(settle):
         s = ph.state()
         q_des = start + (stance - start) * min(1.0, (i + 1) / settle)
-        ph.step(limit_torque(q_des, s.q, s.dq, kp, kd, limit), z, z, kp, kd)
+        ph.step(limit_torque(q_des, s.q, s.dq, kp=kp, kd=kd, limit=limit), z, z, kp, kd)
     x0, min_h = ph.base_position[0], float(ph.base_position[2])
     steps_per_action = max(1, round(1.0 / (dc.policy_hz * ph.dt)))
     in_name = dc.input_name or engine.inputs[0].name
@@ -119,7 +119,7 @@ def rollout(engine: Engine, dc: DeployConfig, cfg: Go2Config, command: np.ndarra
             if fault:
                 return Rollout(float(ph.base_position[0] - x0), min_h, i * ph.dt, fault=fault)
             last = raw
-        ph.step(limit_torque(q_des, s.q, s.dq, kp, kd, limit), z, z, kp, kd)
+        ph.step(limit_torque(q_des, s.q, s.dq, kp=kp, kd=kd, limit=limit), z, z, kp, kd)
         min_h = min(min_h, float(ph.base_position[2]))
         if min_h < g.min_height_m:
             return Rollout(float(ph.base_position[0] - x0), min_h, (i + 1) * ph.dt, fell=True)

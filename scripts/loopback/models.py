@@ -14,6 +14,7 @@ def mlp(
     path: Path,
     dims: tuple[int, ...] = (48, 512, 256, 128, 12),
     seed: int = 0,
+    *,
     nan: bool = False,
     in_name: str = "obs",
     out_name: str = "actions",
