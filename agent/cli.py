@@ -123,11 +123,14 @@ def format_status(s: dict[str, Any]) -> str:
     ]
     if s["broker"]["conflict"]:
         lines.append(f"  WARNING   {s['broker']['conflict']}")
+    precision = f", {a['precision']}" if a and a.get("precision") else ""
     lines.append(
-        f"  active    {a['version']} (sha256 {a['sha256'][:12]}, since {_when(a['activated_at'])})"
+        f"  active    {a['version']} (sha256 {a['sha256'][:12]}{precision}, since {_when(a['activated_at'])})"
         if a
         else "  active    none yet"
     )
+    if a and a.get("precision_note"):
+        lines.append(f"  precision {a['precision_note']}")
     if p:
         downloading = p["stage"] == "downloading" and p["total_bytes"]
         pct = f" {100 * p['downloaded_bytes'] / p['total_bytes']:.0f}%" if downloading else ""
@@ -179,7 +182,8 @@ def cmd_models(cfg: AgentConfig, args: argparse.Namespace) -> int:
         print(json.dumps([r.to_json() for r in records], indent=2))
         return 0
     for r in records:
-        print(f"{r.id:>4}  {r.version:<20} {r.state.value:<12} {_when(r.updated_at):<19}  {r.reason}")
+        precision = str(r.figures.get("precision") or "-")
+        print(f"{r.id:>4}  {r.version:<20} {r.state.value:<12} {precision:<5} {_when(r.updated_at):<19}  {r.reason}")
     return 0
 
 

@@ -125,11 +125,15 @@ class BuildConfig:
     time_limit_s: float = 1800.0  # an Orin Nano builds a large model in minutes
     min_available_mb: int = 300  # the memory guard kills the build below this MemAvailable
     workspace_mb: int = 1024  # TensorRT's workspace pool cap
-    fp16: bool = True  # TensorRT: FP16 kernels where the GPU has them
+    fp16: bool = True  # TensorRT: try an FP16 engine first where the GPU has fast FP16; FP32 if its golden check fails
+    tf32: bool = False  # TensorRT: allow TF32 in FP32 layers (off: "fp32" means FP32, matching fp32 tolerances)
+    max_dynamic: int = 8  # the largest size a dynamic input dimension is built for (profile 1..max_dynamic)
+    emulate_fp16: bool = False  # ONNX Runtime only: round weights to FP16, to exercise the FP16 path without a GPU
 
     def check(self) -> None:
         positive("build.time_limit_s", self.time_limit_s)
         positive("build.workspace_mb", self.workspace_mb)
+        positive("build.max_dynamic", self.max_dynamic)
         if self.min_available_mb < 0:
             raise ConfigError("build.min_available_mb: must be >= 0")
 
@@ -168,6 +172,10 @@ class AgentConfig:
     # CPUAffinity= on the same): the daemon, downloads, checks, builds and a standby model run on the
     # others, so their kernel work never holds the serving CPU. Empty: no pinning.
     serving_cpus: list[int] = field(default_factory=list)
+    # Serving processes and build children alive at once (each holds a CUDA context on a Jetson,
+    # in the memory the CPU shares; docs/engines.md). A candidate that would pass it waits: for the
+    # watch to end (its previous model is then unloaded), or for a build to finish. 0: no bound.
+    serving_max_processes: int = 0
     outbox_max_events: int = 10000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -193,6 +201,11 @@ class AgentConfig:
             raise ConfigError(
                 f"serving_cpus: must be some of this machine's CPUs {sorted(usable)}, leaving at least one for "
                 f"the rest, got {self.serving_cpus}"
+            )
+        if self.serving_max_processes == 1 or self.serving_max_processes < 0:
+            raise ConfigError(
+                "serving_max_processes: 0 (no bound) or at least 2 (the model in service and the next), "
+                f"got {self.serving_max_processes}"
             )
         if not 0 <= self.serving_rt_priority <= 99:
             raise ConfigError(f"serving_rt_priority: must be 0 (no real-time) to 99, got {self.serving_rt_priority}")
@@ -228,6 +241,13 @@ def default_device_id() -> str:
         if serial:
             return safe_name(serial)
     return safe_name(socket.gethostname())
+
+
+def cache_dir(cfg: AgentConfig) -> Path:
+    """Where what outlives engines is kept (TensorRT's timing cache, refused shared engines):
+    systemd's CacheDirectory= ($CACHE_DIRECTORY), else <state_dir>/cache."""
+    given = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    return Path(given) if given else cfg.state_dir / "cache"
 
 
 def config_path(cli_value: str | None) -> Path:

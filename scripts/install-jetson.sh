@@ -4,13 +4,14 @@
 #
 #   sudo scripts/install-jetson.sh [--channel walk] [--mqtt mqtts://broker:8883] [--no-start]
 #
-# Env: PREFIX (/opt/edge-agent), EXTRAS (jetson,systemd), ROOT (install under another root, for
+# Env: PREFIX (/opt/edge-agent), EXTRAS (cpu,jetson,systemd), ROOT (install under another root, for
 # tests: no apt, no users, no systemctl).
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=${ROOT:-}
 PREFIX=${PREFIX:-/opt/edge-agent}
-EXTRAS=${EXTRAS:-jetson,systemd}
+# cpu: ONNX Runtime, what serves when TensorRT, pycuda or the GPU is unusable (and jetson-check's reference).
+EXTRAS=${EXTRAS:-cpu,jetson,systemd}
 CHANNEL=walk
 MQTT_URL=mqtt://127.0.0.1:1883
 START=1
@@ -26,11 +27,12 @@ done
 say() { echo "install-jetson: $*"; }
 live() { [ -z "$ROOT" ]; }  # false under ROOT=: skip what needs the real system
 
-# 1. Debian packages: venv, and what systemd-python builds from. TensorRT's Python bindings come
-#    with JetPack (python3-libnvinfer); the venv sees them through --system-site-packages.
+# 1. Debian packages: venv, and what systemd-python and pycuda build from (no aarch64 wheels).
+#    TensorRT's Python bindings come with JetPack (python3-libnvinfer); the venv sees them through
+#    --system-site-packages.
 if live; then
   need=()
-  for pkg in python3-venv python3-dev libsystemd-dev pkg-config; do
+  for pkg in python3-venv python3-dev build-essential libsystemd-dev pkg-config; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -65,6 +67,12 @@ VENV="$ROOT$PREFIX/venv"
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
   python3 -m venv --system-site-packages "$VENV"
+fi
+# pycuda finds CUDA through nvcc on PATH or CUDA_ROOT; sudo's secure_path drops /usr/local/cuda/bin.
+CUDA_ROOT=${CUDA_ROOT:-/usr/local/cuda}
+export CUDA_ROOT PATH="$CUDA_ROOT/bin:$PATH"
+if live && [[ ",$EXTRAS," == *",jetson,"* ]] && ! command -v nvcc >/dev/null; then
+  say "WARNING: no nvcc in $CUDA_ROOT/bin: pycuda cannot build (install JetPack's cuda-toolkit, or set CUDA_ROOT)"
 fi
 if live || [ -n "${INSTALL_PIP:-}" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$SRC[$EXTRAS]"

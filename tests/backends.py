@@ -42,8 +42,34 @@ class Recorder:
 class SegfaultingOnnxRuntime(OnnxRuntimeBackend):
     """A backend whose native code crashes mid-build, as a TensorRT bug or bad driver would."""
 
-    def build(self, onnx_path: Any, engine_path: Any, progress: Any = None) -> None:
+    def build(self, onnx_path: Any, engine_path: Any, precision: str = "fp32", progress: Any = None) -> None:
         import os
         import signal
 
         os.kill(os.getpid(), signal.SIGSEGV)
+
+
+CRASH_MARK = b"#crash-at-load"
+
+
+class MarksItsEngines(OnnxRuntimeBackend):
+    """A builder whose engines carry a mark (a miscompiled engine, as another device's TensorRT
+    bug would make): the hash in its record still matches its bytes."""
+
+    def build(self, onnx_path: Any, engine_path: Any, precision: str = "fp32", progress: Any = None) -> None:
+        super().build(onnx_path, engine_path, precision)
+        with open(engine_path, "ab") as f:
+            f.write(CRASH_MARK)
+
+
+class CrashesOnMarkedEngines(OnnxRuntimeBackend):
+    """A runtime that dies loading such an engine (SIGABRT, as a native crash would): the serving
+    process ends, the daemon does not."""
+
+    def load(self, engine_path: Any) -> Any:
+        import os
+
+        with open(engine_path, "rb") as f:
+            if f.read().endswith(CRASH_MARK):
+                os.abort()
+        return super().load(engine_path)

@@ -68,6 +68,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
     server.stop()
 
 
+@pytest.fixture
+def bucket(s3: MotoS3) -> str:
+    """A bucket of this test's own on the session's S3 server."""
+    name = f"engines-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
 class Fleet:
     """One test's world: a bucket, a topic prefix, a channel, a collector and agents."""
 

@@ -38,6 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     "go2": {"errors", "contract", "config", "go2.settings", "client", "engines", "system"},
     "cli": {"agent", "errors", "contract", "config", "proc", "system", "coordinator", "go2"},
     "protocol": {"contract"},  # agent.protocol: the contract's public name
+    # scripts/jetson-check: the on-device verdict drives every part, as the daemon does
+    "jetson_check": {"errors", "contract", "config", "proc", "engines", "serving", "coordinator", "client"},
     "cloud": {"errors", "contract", "config", "delivery", "go2"},
 }
 

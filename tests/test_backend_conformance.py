@@ -3,6 +3,7 @@ a CUDA device answers (pycuda): elsewhere its tests skip with the reason."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def make_backend(name: str) -> Backend:
     if name == "tensorrt":
         from agent.engines.tensorrt import TensorRTBackend
 
-        return TensorRTBackend()
+        return TensorRTBackend(BuildConfig(), Path(tempfile.mkdtemp(prefix="trt-cache-")))
     from agent.engines.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend()
@@ -41,7 +42,16 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 def build(backend: Backend, onnx_path: Path, tmp_path: Path) -> Path:
     engine = tmp_path / "engine"
-    run_build(backend, onnx_path, engine, BuildConfig(), cancelled=lambda: None, on_progress=lambda _: None)
+    precision = backend.precisions()[0]
+    run_build(
+        backend,
+        onnx_path,
+        engine,
+        BuildConfig(),
+        precision=precision,
+        cancelled=lambda: None,
+        on_progress=lambda _: None,
+    )
     return engine
 
 
@@ -61,7 +71,7 @@ def reference(onnx_path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def assert_close(backend: Backend, got: np.ndarray, want: np.ndarray) -> None:
-    tol = TOLERANCE[backend.cache_identity().get("precision", "fp32")]
+    tol = TOLERANCE[backend.precisions()[0]]
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
 
 
@@ -131,4 +141,19 @@ def test_engine_key_follows_version_and_identity(backend: Backend) -> None:
     assert engine_key(sha, backend) == engine_key(sha, make_backend(backend.name))  # stable across instances
     assert engine_key(sha, backend) != engine_key("cd" * 32, backend)
     assert backend.name in engine_key(sha, backend)
-    assert backend.version() and backend.cache_identity()["precision"] in TOLERANCE
+    assert backend.version() and all(backend.cache_identity(p)["precision"] == p for p in backend.precisions())
+    assert all(p in TOLERANCE for p in backend.precisions())
+
+
+def test_auto_falls_back_to_onnx_runtime_where_tensorrt_is_unusable(tmp_path: Path) -> None:
+    """The Jetson install carries ONNX Runtime for this: no TensorRT, pycuda or GPU -> still serving."""
+    from agent.engines import select_backend
+
+    try:
+        make_backend("tensorrt")
+        pytest.skip("TensorRT is usable here")
+    except BackendUnavailable:
+        pass
+    assert select_backend("auto", BuildConfig(), tmp_path).name == "onnxruntime"
+    with pytest.raises(BackendUnavailable, match="tensorrt is not importable"):
+        select_backend("tensorrt", BuildConfig(), tmp_path)

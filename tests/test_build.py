@@ -32,6 +32,7 @@ def test_build_runs_in_a_fresh_spawned_child(tmp_path: Path, monkeypatch: pytest
         mlp(tmp_path / "m.onnx"),
         engine,
         BuildConfig(),
+        precision="fp32",
         cancelled=never,
         on_progress=lambda i: seen.append((i.pid, i.stage, i.child_mark)),
     )
@@ -51,6 +52,7 @@ def test_time_limit_kills_the_build(tmp_path: Path) -> None:
             mlp(tmp_path / "m.onnx"),
             engine,
             BuildConfig(time_limit_s=0.05),
+            precision="fp32",
             cancelled=never,
             on_progress=lambda i: None,
         )
@@ -68,6 +70,7 @@ def test_sigkill_from_outside_is_reported_as_likely_oom(tmp_path: Path) -> None:
             mlp(tmp_path / "m.onnx"),
             tmp_path / "engine",
             BuildConfig(),
+            precision="fp32",
             cancelled=never,
             on_progress=kill_it,
         )
@@ -81,6 +84,7 @@ def test_memory_guard_kills_the_build(tmp_path: Path) -> None:
             mlp(tmp_path / "m.onnx"),
             tmp_path / "engine",
             cfg,
+            precision="fp32",
             cancelled=never,
             on_progress=lambda i: None,
         )
@@ -91,7 +95,13 @@ def test_a_model_the_backend_cannot_build_is_rejected_with_its_message(tmp_path:
     bad.write_bytes(b"\x08\x07garbage that is not a protobuf model")
     with pytest.raises(BuildFailed, match="ONNX Runtime could not load the model"):
         run_build(
-            OnnxRuntimeBackend(), bad, tmp_path / "engine", BuildConfig(), cancelled=never, on_progress=lambda i: None
+            OnnxRuntimeBackend(),
+            bad,
+            tmp_path / "engine",
+            BuildConfig(),
+            precision="fp32",
+            cancelled=never,
+            on_progress=lambda i: None,
         )
 
 
@@ -102,6 +112,7 @@ def test_cancellation_stops_the_build(tmp_path: Path) -> None:
             mlp(tmp_path / "m.onnx"),
             tmp_path / "engine",
             BuildConfig(),
+            precision="fp32",
             cancelled=lambda: "superseded by v2",
             on_progress=lambda i: None,
         )
@@ -114,6 +125,7 @@ def test_a_crashing_build_is_reported_with_its_signal(tmp_path: Path) -> None:
             mlp(tmp_path / "m.onnx"),
             tmp_path / "engine",
             BuildConfig(),
+            precision="fp32",
             cancelled=never,
             on_progress=lambda i: None,
         )

@@ -255,6 +255,8 @@ def check_command(block: Block, argv: list[str]) -> None:
             return
         sources = [path, path.with_suffix(".py")]
         source = "".join(p.read_text() for p in sources if p.is_file())
+        for module in re.findall(r"^from (agent[\w.]*) import main$", source, flags=re.M):  # a thin wrapper
+            source += (ROOT / (module.replace(".", "/") + ".py")).read_text()
         for option in (a.split("=")[0] for a in args if a.startswith("--")):
             assert option in source, f"{block.name}: `{shlex.join(argv)}`: {program} has no {option}"
 

@@ -204,4 +204,5 @@ def test_an_engine_that_hashes_right_but_does_not_load_is_rebuilt_once(fleet: Fl
     assert [e["engine_key"] for e in build_events(fleet)] == [key]
     assert cache.problem(engine, key) is None and engine.read_bytes() != b"not an engine"
     log = (cfg.parent / "agent.log").read_text()
-    assert f"engine {key} does not load" in log and "rebuilding it" in log
+    assert f"engine {key} (cache) failed in its serving process (the engine does not load" in log
+    assert "rebuilding it" in log

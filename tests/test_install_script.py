@@ -49,3 +49,16 @@ def test_install_is_idempotent(tmp_path: Path) -> None:
     conf.write_text(text.replace('"trot"', '"walk"'))  # the operator edits it
     out = _install(tmp_path, "--channel", "trot")
     assert "keeping" in out and 'channel = "walk"' in conf.read_text()
+
+
+def test_the_jetson_install_builds_pycuda_and_keeps_onnx_runtime() -> None:
+    """pycuda has no aarch64 wheel: it builds with nvcc, which sudo's secure_path drops (CUDA_ROOT
+    and PATH are exported before pip); ONNX Runtime (the cpu extra) is installed too, so the agent
+    serves when TensorRT, pycuda or the GPU is unusable, and jetson-check has its reference."""
+    text = SCRIPT.read_text()
+    assert "EXTRAS=${EXTRAS:-cpu,jetson,systemd}" in text
+    assert "build-essential" in text and "python3-dev" in text
+    export = text.index('export CUDA_ROOT PATH="$CUDA_ROOT/bin:$PATH"')
+    assert export < text.index('pip install -q --disable-pip-version-check --upgrade "$SRC[$EXTRAS]"')
+    docker = (SCRIPT.parents[1] / "Dockerfile.jetson").read_text()
+    assert "pkg-config libsystemd-dev" in docker and "import tensorrt, pycuda;" in docker  # no libcuda at build

@@ -6,11 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from agent.coordinator.store import Store
 from agent.engines import cache, engine_key
@@ -21,13 +18,6 @@ from agent.engines.provisioner import Obtained, Provisioner
 from scripts.loopback.services import MotoS3
 from tests.backends import Recorder
 from tests.conftest import mlp
-
-
-@pytest.fixture
-def bucket(s3: MotoS3) -> str:
-    name = f"engines-{uuid.uuid4().hex[:8]}"
-    s3.client().create_bucket(Bucket=name)
-    return name
 
 
 def agent(root: Path, s3: MotoS3, bucket: str, device: str, trusted: list[str]) -> Provisioner:

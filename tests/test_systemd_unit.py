@@ -80,3 +80,14 @@ def test_the_test_hook_cannot_be_enabled_under_the_unit() -> None:
 
     lines = UNIT.read_text().splitlines()
     assert f"UnsetEnvironment={DEBUG_HANG_ENV}" in lines
+
+
+def test_the_socket_group_chown_is_allowed_by_the_system_call_filter() -> None:
+    """@privileged includes @chown (systemd's own list, read here), so the socket's group change
+    would get EPERM under `SystemCallFilter=~@privileged` alone; an allow line after it removes it."""
+    if ANALYZE is None:
+        pytest.skip("systemd-analyze missing")
+    privileged = subprocess.run([ANALYZE, "syscall-filter", "@privileged"], capture_output=True, text=True, check=True)
+    assert "@chown" in privileged.stdout
+    lines = UNIT.read_text().splitlines()
+    assert lines.index("SystemCallFilter=@chown") > lines.index("SystemCallFilter=~@privileged")

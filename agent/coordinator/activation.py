@@ -19,7 +19,7 @@ from agent.coordinator.lifecycle import ALLOWED, ModelState
 from agent.coordinator.pipeline import Pipeline
 from agent.coordinator.reporter import Reporter
 from agent.coordinator.store import ModelRecord, Store
-from agent.engines import Backend, engine_key
+from agent.engines import Backend, engine_key, key_precision
 from agent.errors import AgentError, HandOverRefused, ServingFailed
 from agent.serving.server import InferenceServer, ServedModel, SwapStats
 
@@ -305,7 +305,7 @@ class Activation:
 
     def load_for(self, rec: ModelRecord) -> ServedModel:
         """Off the coordinator: a stored model in a serving process (its engine built if need be)."""
-        path = self.pipeline.stored_engine(rec.sha256)
+        path = self.pipeline.stored_engine(rec.sha256, self._precision(rec))
         return self.server.load(path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))
 
     def abandon(self, job: OperatorJob) -> None:
@@ -379,9 +379,14 @@ class Activation:
         return served
 
     def _note_engine_key(self, rec: ModelRecord) -> None:
-        key = engine_key(rec.sha256, self.backend)
+        key = engine_key(rec.sha256, self.backend, self._precision(rec))
         if rec.engine_key != key:
             self.store.set_engine_key(rec, key)
+
+    def _precision(self, rec: ModelRecord) -> str | None:
+        """The precision its engine passed the gate with (FP32 after an FP16 fallback); None: the backend's first."""
+        precision = key_precision(rec.engine_key)
+        return precision if precision in self.backend.precisions() else None
 
     # -- retention ---------------------------------------------------------------------------------
     def collect_garbage(self) -> None:
@@ -394,7 +399,7 @@ class Activation:
             keep.add(working)
         if self.loading is not None:
             keep.add(self.loading.target.sha256)
-        keys = {engine_key(sha, self.backend) for sha in keep}
+        keys = {engine_key(sha, self.backend, p) for sha in keep for p in self.backend.precisions()}
         removed = 0
         for folder, keep_names in (
             (self.store.models_dir, keep),

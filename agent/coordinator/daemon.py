@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent import __version__
-from agent.config import AgentConfig
+from agent.config import AgentConfig, cache_dir
 from agent.contract.protocol import Manifest, Topics, encode
 from agent.contract.signing import Trust
 from agent.coordinator import recovery
@@ -55,10 +55,15 @@ class Daemon:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(cfg.state_dir / "agent.lock")
         self.store = Store(cfg.state_dir)
-        self.backend = backend or select_backend(cfg.backend, cfg.build.workspace_mb, cfg.build.fp16)
+        self.backend = backend or select_backend(cfg.backend, cfg.build, cache_dir(cfg))
         self.recorder = LatencyRecorder()
         self.server = InferenceServer(
-            cfg.socket, self.recorder, self.backend, cfg.serving_rt_priority, cfg.serving_cpus
+            cfg.socket,
+            self.recorder,
+            self.backend,
+            rt_priority=cfg.serving_rt_priority,
+            serving_cpus=cfg.serving_cpus,
+            max_processes=cfg.serving_max_processes,
         )
         self.topics = Topics(cfg.mqtt.topic_prefix)
         will = encode(offline_status(cfg.device_id))
@@ -79,7 +84,6 @@ class Daemon:
             reporter=self.reporter,
             server=self.server,
             gate=cfg.gate,
-            precision=self.backend.cache_identity().get("precision", "fp32"),
             behavioural=self._behaviour_checks(),
             post=self.post,
         )
@@ -275,6 +279,7 @@ class Daemon:
             cfg=self.cfg.build,
             share=share,
             device_id=self.cfg.device_id,
+            refused_file=cache_dir(self.cfg) / "refused-shared-engines.json",
         )
 
     def _behaviour_checks(self) -> list[BehaviouralCheck]:

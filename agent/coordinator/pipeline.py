@@ -4,6 +4,7 @@ ONNX, build (or find) its engine, load it and pass the gate. Stages are reported
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -107,20 +108,42 @@ class Pipeline:
         self._superseded[record_id] = newer
 
     def prepare(self, cand: Candidate, gate: GateContext) -> ServedModel:
-        m = cand.manifest
-        model_path = self.store.model_path(m.sha256)
+        """Download, verify, then an engine per precision the backend tries (FP16 first where the
+        hardware has it) until one passes the gate; a later precision is tried only when the
+        earlier engine's outputs missed the golden ones (its precision, not the model, is at fault)."""
+        model_path = self.store.model_path(cand.manifest.sha256)
         gate.golden = self._download(cand, model_path)
         self._verify(cand, model_path)
-        got = self._build(cand, model_path)
+        precisions = self.engines.backend.precisions()
+        fallback = ""
+        for precision, then in zip(precisions, [*precisions[1:], None], strict=True):
+            try:
+                return self._prepare_at(cand, gate, model_path, precision, fallback)
+            except RejectedModel as err:
+                golden = (err.figures.get("gate") or {}).get("golden") or {}
+                if then is None or err.stage != "validate" or golden.get("passed", True):
+                    raise
+                fallback = (
+                    f"{precision} engine failed its golden check (max abs error {golden.get('max_abs_err')}, "
+                    f"atol {golden.get('atol')}): rebuilt in {then}"
+                )
+                log.warning("%s: %s", cand.manifest.version, fallback)
+                self.report(cand.record_id, ModelState.BUILDING, fallback, {"fallback": err.figures})
+        raise AssertionError("unreachable: the last precision raises")
+
+    def _prepare_at(
+        self, cand: Candidate, gate: GateContext, model_path: Path, precision: str, fallback: str
+    ) -> ServedModel:
+        got = self._build(cand, model_path, precision)
         try:
             served = self._load(cand, got, model_path)
         except BaseException:
             self.engines.settle(got.key, passed=False)
             raise
-        self.report(cand.record_id, ModelState.VALIDATING, "engine loaded; running the gate", {})
+        self.report(cand.record_id, ModelState.VALIDATING, f"{precision} engine loaded; running the gate", {})
         try:
             with self.serving.gating(served) as engine:
-                results = run_gate(engine, m, gate)
+                results = run_gate(engine, cand.manifest, dataclasses.replace(gate, precision=precision))
         except BaseException:
             self.serving.release(served)
             self.engines.settle(got.key, passed=False)
@@ -128,13 +151,17 @@ class Pipeline:
         shared = self.engines.settle(got.key, passed=True)
         checks = {r.name: r.to_json() for r in results}
         figures = {"engine_key": got.key, **got.figures, **shared, "gate": checks}
+        if fallback:
+            figures["precision_note"] = fallback
         forced = [r.name for r in results if r.figures.get("forced")]
-        note = f" (forced past {', '.join(forced)})" if forced else ""
-        self.report(cand.record_id, ModelState.STAGED, f"passed the gate{note}", figures)
+        notes = [f"forced past {', '.join(forced)}"] * bool(forced) + [fallback] * bool(fallback)
+        note = f" ({'; '.join(notes)})" if notes else ""
+        self.report(cand.record_id, ModelState.STAGED, f"passed the gate as {precision}{note}", figures)
         return served
 
-    def stored_engine(self, sha256: str) -> Path:
-        """A stored model's engine file for an operator command (cache, else shared, else a build)."""
+    def stored_engine(self, sha256: str, precision: str | None = None) -> Path:
+        """A stored model's engine file for an operator command (cache, else shared, else a build),
+        in the precision it passed the gate with."""
         model_path = self.store.model_path(sha256)
         quiet = Hooks(
             stage=lambda _r: None,
@@ -142,7 +169,7 @@ class Pipeline:
             notify=lambda _k, _f: None,
             cancelled=lambda: "the agent is stopping" if self.cancel.is_set() else None,
         )
-        got = self.engines.obtain(sha256, model_path, quiet)
+        got = self.engines.obtain(sha256, model_path, quiet, precision)
         if got.source == "built":
             self.engines.settle(got.key, passed=False)  # frees its fleet build lease; shared only after a gate
         return got.path
@@ -198,33 +225,37 @@ class Pipeline:
             cancelled=cancelled,
         )
 
-    def _build(self, cand: Candidate, model_path: Path) -> Obtained:
+    def _build(self, cand: Candidate, model_path: Path, precision: str) -> Obtained:
+        hooks = self._hooks(cand)
         try:
-            return self.engines.obtain(cand.manifest.sha256, model_path, self._hooks(cand))
+            with self.serving.pool.room(hooks.cancelled, load=False):  # the build child counts (a CUDA context)
+                return self.engines.obtain(cand.manifest.sha256, model_path, hooks, precision)
         finally:
             self._superseded.pop(cand.record_id, None)
 
     def _load(self, cand: Candidate, got: Obtained, model_path: Path) -> ServedModel:
         """The candidate in a serving process (the gate runs there). An engine that passed its
-        hash check but does not load is rebuilt once, never trusted."""
+        hash check but does not load, or crashes its process at warm-up, is rebuilt here once
+        (a shared one is never fetched again): the engine is at fault, not yet the model."""
         m = cand.manifest
         try:
-            return self._serve(got, m)
-        except EngineLoadFailed as err:
-            log.warning("engine %s does not load (%s): rebuilding it", got.key, err)
-        self.engines.rebuild(got.key, model_path, self._hooks(cand))
+            with self.serving.pool.room(self._hooks(cand).cancelled, load=True):
+                return self._serve(got, m)
+        except ServingFailed as err:  # EngineLoadFailed, or the process died loading or warming up
+            log.warning("engine %s (%s) failed in its serving process (%s): rebuilding it", got.key, got.source, err)
+            self.report(cand.record_id, ModelState.BUILDING, f"the {got.source} engine failed: {err}; rebuilding", {})
+        hooks = self._hooks(cand)
+        with self.serving.pool.room(hooks.cancelled, load=False):
+            again = self.engines.rebuild(got, model_path, hooks)
         try:
-            return self._serve(got, m)
-        except EngineLoadFailed as err:
-            raise RejectedModel("build", f"engine does not load: {err}") from err
+            with self.serving.pool.room(hooks.cancelled, load=True):
+                return self._serve(again, m)
+        except ServingFailed as err:
+            stage = "build" if isinstance(err, EngineLoadFailed) else "load"
+            raise RejectedModel(stage, f"the engine does not load, rebuilt here too: {err}") from err
 
     def _serve(self, got: Obtained, m: Manifest) -> ServedModel:
-        try:
-            return self.serving.load(got.path, m.version, m.sha256, m.extra.get("deploy_config"))
-        except EngineLoadFailed:
-            raise
-        except ServingFailed as err:
-            raise RejectedModel("load", str(err)) from err
+        return self.serving.load(got.path, m.version, m.sha256, m.extra.get("deploy_config"))
 
 
 def _quiet(_done: int, _total: int) -> None:

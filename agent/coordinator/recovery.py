@@ -10,7 +10,7 @@ from agent.coordinator.pipeline import Candidate
 from agent.coordinator.reporter import Reporter
 from agent.coordinator.scheduler import CandidateScheduler
 from agent.coordinator.store import ModelRecord, Store
-from agent.engines import Backend, cache, engine_key
+from agent.engines import Backend, cache, engine_key, key_precision
 from agent.errors import AgentError
 from agent.serving.server import InferenceServer
 
@@ -33,7 +33,8 @@ def restore_active(store: Store, server: InferenceServer, backend: Backend, repo
         return
     try:
         path = store.engine_path(rec.engine_key)
-        problem = cache.stale_or_damaged(path, rec.engine_key, engine_key(rec.sha256, backend))
+        expected = engine_key(rec.sha256, backend, key_precision(rec.engine_key))
+        problem = cache.stale_or_damaged(path, rec.engine_key, expected)
         if problem is not None:
             raise AgentError(problem)
         served = server.load(path, rec.version, rec.sha256, rec.manifest.extra.get("deploy_config"))

@@ -61,7 +61,6 @@ class CandidateScheduler:
         reporter: Reporter,
         server: InferenceServer,
         gate: GateConfig,
-        precision: str,
         behavioural: list[BehaviouralCheck],
         post: Callable[[PipelineDone], None],
     ) -> None:
@@ -70,7 +69,6 @@ class CandidateScheduler:
         self.reporter = reporter
         self.server = server
         self.gate = gate
-        self.precision = precision
         self.behavioural = behavioural
         self.post = post
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
@@ -100,7 +98,6 @@ class CandidateScheduler:
         return GateContext(
             active_inputs=model.inputs if model else None,
             active_outputs=model.outputs if model else None,
-            precision=self.precision,
             latency_budget_us=self.gate.latency_budget_us,
             latency_calls=self.gate.latency_calls,
             behavioural=list(self.behavioural),

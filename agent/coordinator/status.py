@@ -33,6 +33,8 @@ class Active(TypedDict):
     version: str
     sha256: str
     backend: str
+    precision: str | None  # the engine's, as it passed the gate
+    precision_note: str | None  # why not the first precision (an FP16 engine that missed its golden outputs)
     activated_at: float | None
     source: str
 
@@ -178,6 +180,8 @@ class StatusBuilder:
             "version": rec.version,
             "sha256": rec.sha256,
             "backend": self.backend.name,
+            "precision": rec.figures.get("precision"),
+            "precision_note": rec.figures.get("precision_note"),
             "activated_at": rec.activated_at,
             "source": rec.source,
         }

@@ -90,13 +90,17 @@ def run_build(
     engine_path: Path,
     cfg: BuildConfig,
     *,
+    precision: str,
     cancelled: Callable[[], str | None],
     on_progress: OnProgress,
 ) -> float:
     """Build in a fresh child; returns the seconds it took. Raises BuildFailed or Cancelled."""
     recv, send = _MP.Pipe(duplex=False)
     proc = _MP.Process(
-        target=_child, args=(backend, str(onnx_path), str(engine_path), send), name="engine-build", daemon=True
+        target=_child,
+        args=(backend, str(onnx_path), str(engine_path), precision, send),
+        name="engine-build",
+        daemon=True,
     )
     started = time.monotonic()
     start_in_background(proc)
@@ -111,13 +115,22 @@ def run_build(
             proc.kill()
         proc.join(10)
         recv.close()
-        engine_path.with_name(engine_path.name + ".part").unlink(missing_ok=True)
+        _remove_parts(engine_path)
     if error is None and not engine_path.exists():
         error = "the build child exited without writing the engine"
     if error is not None:
         engine_path.unlink(missing_ok=True)
         raise BuildFailed(error)
     return time.monotonic() - started
+
+
+def _remove_parts(engine_path: Path) -> None:
+    """What a killed child was writing (agent.engines.tensorrt names its own `.<key>.<pid>.<id>.part`)."""
+    for part in [
+        engine_path.with_name(engine_path.name + ".part"),
+        *engine_path.parent.glob(f".{engine_path.name}.*.part"),
+    ]:
+        part.unlink(missing_ok=True)
 
 
 def _watch(
@@ -188,7 +201,7 @@ def _kill(proc: Any) -> None:
     proc.join(10)
 
 
-def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection) -> None:
+def _child(backend: Backend, onnx_path: str, engine_path: str, precision: str, conn: Connection) -> None:
     """The build child's main: never returns an exception silently."""
     die_with_parent(BUILD_PROCESS_NAME)
     try:
@@ -205,7 +218,7 @@ def _child(backend: Backend, onnx_path: str, engine_path: str, conn: Connection)
             conn.send(Stage(stage, fraction))
 
     try:
-        backend.build(Path(onnx_path), Path(engine_path), progress)
+        backend.build(Path(onnx_path), Path(engine_path), precision, progress)
     except BaseException as err:  # everything goes back as the reason, then a non-zero exit
         conn.send(Failure(str(err) or type(err).__name__))
         conn.close()

@@ -11,6 +11,7 @@ import numpy as np
 
 from agent.contract.protocol import TensorSpec
 from agent.engines import BuildProgress, no_progress
+from agent.engines.board import read_board
 from agent.errors import BackendUnavailable, BuildFailed
 
 try:
@@ -69,17 +70,31 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, emulate_fp16: bool = False) -> None:
         self.threads = threads
+        self.emulate_fp16 = emulate_fp16
+        self.board = read_board()
 
     def version(self) -> str:
         return str(ort.__version__)
 
-    def cache_identity(self) -> dict[str, str]:
-        # Saved EXTENDED optimisations may use kernels for this CPU: key by machine too.
-        return {"device": f"cpu-{platform.machine()}", "precision": "fp32", "opt": "extended"}
+    def precisions(self) -> list[str]:
+        """FP32; FP16 first only when emulated (weights rounded to FP16: the gate's FP16 path,
+        tolerances and FP32 fallback run on machines without a GPU)."""
+        return ["fp16", "fp32"] if self.emulate_fp16 else ["fp32"]
 
-    def build(self, onnx_path: Path, engine_path: Path, progress: BuildProgress = no_progress) -> None:
+    def cache_identity(self, precision: str) -> dict[str, str]:
+        # Saved EXTENDED optimisations may use kernels for this CPU: key by machine and board too.
+        return {
+            "device": f"cpu-{platform.machine()}",
+            "precision": precision,
+            "opt": "extended",
+            **{f"board.{k}": v for k, v in self.board.to_json().items()},
+        }
+
+    def build(
+        self, onnx_path: Path, engine_path: Path, precision: str = "fp32", progress: BuildProgress = no_progress
+    ) -> None:
         """Optimise and save. Writes a temporary file and renames it: no half-written engine."""
         tmp = engine_path.with_name(engine_path.name + ".part")
         opts = _session_options(1)
@@ -87,9 +102,12 @@ class OnnxRuntimeBackend:
         opts.optimized_model_filepath = str(tmp)
         progress("optimizing", None)
         try:
-            ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+            source = _rounded_to_fp16(onnx_path, tmp) if precision == "fp16" else str(onnx_path)
+            ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
             raise BuildFailed(f"ONNX Runtime could not load the model: {err}") from err
+        finally:
+            tmp.with_name(tmp.name + ".fp16.onnx").unlink(missing_ok=True)
         progress("saving", None)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -97,3 +115,19 @@ class OnnxRuntimeBackend:
 
     def load(self, engine_path: Path) -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(engine_path, self.threads)
+
+
+def _rounded_to_fp16(onnx_path: Path, beside: Path) -> str:
+    """A copy of the model whose float weights went through FP16 and back: an FP16 engine's
+    rounding, with the model's own types and I/O. Returns its path (the caller removes it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            rounded = numpy_helper.to_array(init).astype(np.float16).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(rounded, init.name))
+    path = beside.with_name(beside.name + ".fp16.onnx")
+    onnx.save(model, str(path))
+    return str(path)

@@ -4,7 +4,9 @@ through callbacks only (the coordinator owns every state change)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import threading
 import time
@@ -36,18 +38,28 @@ class Obtained:
     key: str
     path: Path
     source: str  # "cache", "shared" or "built"
+    precision: str
     figures: dict[str, Any] = field(default_factory=dict)
 
 
 class Provisioner:
     def __init__(
-        self, *, engines_dir: Path, backend: Backend, cfg: BuildConfig, share: EngineShare | None, device_id: str
+        self,
+        *,
+        engines_dir: Path,
+        backend: Backend,
+        cfg: BuildConfig,
+        share: EngineShare | None,
+        device_id: str,
+        refused_file: Path | None = None,
     ) -> None:
         self.engines_dir = engines_dir  # <state_dir>/engines: one file per engine key (agent.coordinator.store)
         self.backend = backend
         self.cfg = cfg
         self.share = share
         self.device_id = device_id
+        # Keys whose shared engine failed here (did not load, crashed at warm-up): never fetched again.
+        self.refused = RefusedShares(refused_file or engines_dir.parent / "cache" / "refused-shared-engines.json")
         self._built: set[str] = set()  # keys built here and not yet settled
         self._leases: set[str] = set()
         self._key_locks: dict[str, threading.Lock] = {}
@@ -56,36 +68,42 @@ class Provisioner:
     def engine_path(self, key: str) -> Path:
         return self.engines_dir / key
 
-    def obtain(self, model_sha256: str, model_path: Path, hooks: Hooks) -> Obtained:
-        """Thread-safe per key: the pipeline and an operator command that need the same engine
-        build it once (the second finds it in the cache), never into each other's file."""
-        key = engine_key(model_sha256, self.backend)
+    def obtain(self, model_sha256: str, model_path: Path, hooks: Hooks, precision: str | None = None) -> Obtained:
+        """The engine for `precision` (the backend's first by default). Thread-safe per key: the
+        pipeline and an operator command that need the same engine build it once (the second finds
+        it in the cache), never into each other's file."""
+        precision = precision or self.backend.precisions()[0]
+        key = engine_key(model_sha256, self.backend, precision)
         with self._lock(key):
-            return self._obtain(key, model_path, hooks)
+            return self._obtain(key, precision, model_path, hooks)
 
     def _lock(self, key: str) -> threading.Lock:
         with self._guard:
             return self._key_locks.setdefault(key, threading.Lock())
 
-    def _obtain(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
+    def _obtain(self, key: str, precision: str, model_path: Path, hooks: Hooks) -> Obtained:
         path = self.engine_path(key)
         why = cache.problem(path, key)
+        figures = {"precision": precision}
         if why is None:
             hooks.stage(f"engine cache hit ({key})")
-            return Obtained(key, path, "cache", {"engine_source": "cache"})
+            return Obtained(key, path, "cache", precision, {"engine_source": "cache", **figures})
         if why != "no engine file":
             log.warning("engine %s is not usable (%s): discarding it", key, why)
             hooks.notify("engine_discarded", {"engine_key": key, "reason": why})
             cache.discard(path)
-        if self.share is not None and self._from_share(key, path, hooks):
-            return Obtained(key, path, "shared", {"engine_source": "shared"})
-        return self._build(key, model_path, hooks)
+        if self.share is not None and key not in self.refused and self._from_share(key, path, hooks):
+            return Obtained(key, path, "shared", precision, {"engine_source": "shared", **figures})
+        return self._build(key, precision, model_path, hooks)
 
-    def rebuild(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
-        """The engine passed its hash check but does not load: build it again, once."""
-        with self._lock(key):
-            cache.discard(self.engine_path(key))
-            return self._build(key, model_path, hooks)
+    def rebuild(self, got: Obtained, model_path: Path, hooks: Hooks) -> Obtained:
+        """An engine that passed its hash check but does not load, or crashed its serving process:
+        built again here, once. A shared one is refused for good (this key is never fetched again)."""
+        if got.source == "shared":
+            self.refused.add(got.key)
+        with self._lock(got.key):
+            cache.discard(self.engine_path(got.key))
+            return self._build(got.key, got.precision, model_path, hooks)
 
     def settle(self, key: str, passed: bool) -> dict[str, Any]:
         """After the gate: share what we built if it passed; free the lease either way."""
@@ -109,16 +127,22 @@ class Provisioner:
         return figures
 
     # -- building here ---------------------------------------------------------------------------
-    def _build(self, key: str, model_path: Path, hooks: Hooks) -> Obtained:
+    def _build(self, key: str, precision: str, model_path: Path, hooks: Hooks) -> Obtained:
         path = self.engine_path(key)
-        hooks.stage(f"building {self.backend.name} {self.backend.version()} engine {key}")
+        hooks.stage(f"building {self.backend.name} {self.backend.version()} {precision} engine {key}")
 
         def on_progress(info: BuildInfo) -> None:
             hooks.progress(info.to_json())
 
         try:
             seconds = run_build(
-                self.backend, model_path, path, self.cfg, cancelled=hooks.cancelled, on_progress=on_progress
+                self.backend,
+                model_path,
+                path,
+                self.cfg,
+                precision=precision,
+                cancelled=hooks.cancelled,
+                on_progress=on_progress,
             )
         except BaseException:
             self._drop_lease(key)
@@ -130,7 +154,8 @@ class Provisioner:
         cache.write_sidecar(path, meta)
         self._built.add(key)
         hooks.notify("engine_built", {"engine_key": key, "build_s": meta.build_s, "size": meta.size})
-        return Obtained(key, path, "built", {"engine_source": "built", "build_s": meta.build_s})
+        figures = {"engine_source": "built", "build_s": meta.build_s, "precision": precision}
+        return Obtained(key, path, "built", precision, figures)
 
     def _drop_lease(self, key: str) -> None:
         if self.share is not None and key in self._leases:
@@ -193,3 +218,34 @@ class Provisioner:
 
 def _why(key: str, builder: str, reason: str) -> dict[str, Any]:
     return {"engine_key": key, "builder": builder, "reason": reason}
+
+
+class RefusedShares:
+    """Engine keys whose shared engine failed on this device, kept across restarts (a small JSON
+    list in the cache directory, written atomically)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._keys: set[str] | None = None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._load()
+
+    def add(self, key: str) -> None:
+        keys = self._load() | {key}
+        self._keys = keys
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+            tmp.write_text(json.dumps(sorted(keys)))
+            os.replace(tmp, self.path)
+        except OSError as err:  # still refused for this run
+            log.warning("could not record the refused shared engine %s: %s", key, err)
+
+    def _load(self) -> set[str]:
+        if self._keys is None:
+            try:
+                self._keys = {str(k) for k in json.loads(self.path.read_text())}
+            except (OSError, ValueError, TypeError):
+                self._keys = set()
+        return self._keys

@@ -14,6 +14,7 @@ yet) is needed at once and starts at the daemon's priority."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -21,6 +22,8 @@ import multiprocessing
 import signal
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterator
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -31,7 +34,7 @@ import numpy as np
 from agent.contract.protocol import TensorSpec
 from agent.engines import Backend, Engine
 from agent.engines.probes import random_inputs
-from agent.errors import EngineLoadFailed, HandOverRefused, RejectedModel, ServingFailed
+from agent.errors import Cancelled, EngineLoadFailed, HandOverRefused, RejectedModel, ServingFailed
 from agent.proc.child import die_with_parent, exit_reason
 from agent.proc.sched import pin, start_in_background, to_background, to_serving
 from agent.serving.loop import ServingLoop, ready
@@ -71,12 +74,55 @@ class ServingPool:
     kernel. Thread-safe: the pipeline thread loads, the coordinator retires."""
 
     MAX_SPARES = 1
+    ROOM_POLL_S = 0.2
 
-    def __init__(self, backend: Backend | None) -> None:
+    def __init__(self, backend: Backend | None, max_processes: int = 0) -> None:
         self.backend = backend
+        # On a Jetson each of these processes (and a build child) holds a CUDA context in the memory
+        # the CPU shares: at most this many at once (0: no bound). A spare is closed to keep to it.
+        self.max_processes = max_processes
         self._spares: list[ServingProcess] = []
         self._all: set[ServingProcess] = set()  # every process started and not yet closed
+        self._held = 0  # places taken by `room`: a build child, or a process about to start
         self._lock = threading.Lock()
+
+    def _live(self) -> int:
+        return sum(1 for w in self._all if not w.closed and w.failure() is None)
+
+    @contextlib.contextmanager
+    def room(self, cancelled: Callable[[], str | None], *, load: bool) -> Iterator[None]:
+        """Waits until one more process fits under max_processes, and holds its place meanwhile: a
+        candidate that arrives during a watch waits for the previous model to be unloaded. For a
+        model's `load`, a spare is room already (the model loads there); for a build child, a
+        spare is closed to make room (it only saves a process start)."""
+        while not self._take_place(load):
+            why = cancelled()
+            if why:
+                raise Cancelled(why)
+            time.sleep(self.ROOM_POLL_S)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
+
+    def _take_place(self, load: bool) -> bool:
+        with self._lock:
+            full = self.max_processes > 0 and self._live() + self._held >= self.max_processes
+            if full and load and self._spares:
+                full = False
+            spare = self._spares.pop() if full and not load and self._spares else None
+            if not full:
+                self._held += 1
+                return True
+        if spare is not None:
+            spare.close()  # its place goes to the build; the next load starts a process
+        return False
+
+    def count(self) -> int:
+        """Serving processes alive now (the one in service, standbys, the spare)."""
+        with self._lock:
+            return self._live()
 
     def start(self, engine_path: Path | None, identity: Identity) -> ServingProcess:
         with self._lock:
@@ -110,7 +156,8 @@ class ServingPool:
             try:
                 worker.unload()
                 with self._lock:
-                    if len(self._spares) < self.MAX_SPARES:
+                    fits = self.max_processes <= 0 or self._live() + self._held <= self.max_processes
+                    if len(self._spares) < self.MAX_SPARES and fits:
                         self._spares.append(worker)
                         return
             except ServingFailed as err:

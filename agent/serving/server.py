@@ -73,8 +73,10 @@ class InferenceServer:
         path: Path,
         recorder: LatencyRecorder,
         backend: Backend,
+        *,
         rt_priority: int = 0,
         serving_cpus: list[int] | None = None,
+        max_processes: int = 0,
     ) -> None:
         self.path = path
         self.recorder = recorder
@@ -83,7 +85,7 @@ class InferenceServer:
         self.serving_cpus = set(serving_cpus or ())
         # Everything else (this daemon, its children, a standby model) stays off the serving CPUs.
         self.background_cpus = os.sched_getaffinity(0) - self.serving_cpus if self.serving_cpus else None
-        self.pool = ServingPool(backend)
+        self.pool = ServingPool(backend, max_processes)
         self.requests = 0
         self.errors = 0
         self.clients = 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from agent.config import AgentConfig, load
+from agent.config import AgentConfig, cache_dir, load
 from agent.errors import AgentError, BackendUnavailable
 from agent.proc.child import available_mb
 from agent.proc.sched import fifo_allowed
@@ -144,7 +144,7 @@ def _backend(cfg: AgentConfig) -> list[Check]:
     from agent.engines import select_backend
 
     try:
-        b = select_backend(cfg.backend, cfg.build.workspace_mb, cfg.build.fp16)
+        b = select_backend(cfg.backend, cfg.build, cache_dir(cfg))
     except BackendUnavailable as err:
         return [
             Check(
@@ -154,8 +154,9 @@ def _backend(cfg: AgentConfig) -> list[Check]:
                 'install what it names, or set backend = "auto"',
             )
         ]
-    ident = ", ".join(f"{k}={v}" for k, v in sorted(b.cache_identity().items()))
-    return [Check("backend", OK, f"{b.name} {b.version()} ({ident})")]
+    first = b.precisions()[0]
+    ident = ", ".join(f"{k}={v}" for k, v in sorted(b.cache_identity(first).items()) if v)
+    return [Check("backend", OK, f"{b.name} {b.version()}, precisions {'/'.join(b.precisions())} ({ident})")]
 
 
 def _power(_cfg: AgentConfig) -> list[Check]:
@@ -190,8 +191,28 @@ def _memory(cfg: AgentConfig) -> list[Check]:
             status,
             f"{avail} MiB available (builds are killed below {need} MiB)",
             "stop other memory users, add swap (zram), or lower build.workspace_mb",
-        )
+        ),
+        _peak(cfg, avail),
     ]
+
+
+# A process with a CUDA context and TensorRT's runtime, on a Jetson: a planning figure until
+# scripts/jetson-check measures it on the device (it prints the measured one).
+ASSUMED_CUDA_PROCESS_MIB = 300
+
+
+def _peak(cfg: AgentConfig, avail: int) -> Check:
+    """The worst moment: the model in service, the previous one kept for the watch, the candidate
+    and its build child (4), or serving_max_processes."""
+    n = cfg.serving_max_processes or 4
+    peak = n * ASSUMED_CUDA_PROCESS_MIB + cfg.build.workspace_mb
+    bound = f"serving_max_processes = {cfg.serving_max_processes}" if cfg.serving_max_processes else "no bound: 4"
+    line = (
+        f"estimated peak {peak} MiB: {n} CUDA processes ({bound}) x ~{ASSUMED_CUDA_PROCESS_MIB} MiB (assumed; "
+        f"scripts/jetson-check measures it) + build.workspace_mb {cfg.build.workspace_mb}"
+    )
+    status = WARN if is_jetson() and peak > avail else OK
+    return Check("memory_peak", status, line, "set serving_max_processes = 3 (or 2), or lower build.workspace_mb")
 
 
 def _scheduling(cfg: AgentConfig) -> list[Check]:

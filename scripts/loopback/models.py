@@ -102,3 +102,16 @@ def numpy_forward(weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
         if i < len(pairs) - 1:
             h = np.where(h > 0, h, np.expm1(h))  # ELU, alpha 1
     return h
+
+
+def cancelling(path: Path) -> Path:
+    """y = 1000.3 * x0 - 1000 * x1: for x = (1, 1) the answer (0.3) cancels two large products, so
+    FP16 weights (1000.3 rounds to 1000.5) miss it by 0.2 while FP32 is exact to 1e-4: a model whose
+    FP16 engine fails its golden check and whose FP32 engine passes."""
+    mlp(path, dims=(2, 1))
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.name == "w0":
+            init.CopyFrom(numpy_helper.from_array(np.array([[1000.3], [-1000.0]], np.float32), "w0"))
+    onnx.save(model, str(path))
+    return path
