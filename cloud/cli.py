@@ -81,6 +81,10 @@ def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
         from cloud.publish import deploy_config_extra
 
         extra.update(deploy_config_extra(args.deploy_config, args.model))
+        if "lin_vel" in extra["deploy_config"].get("observations", []):
+            from agent.go2.simgate import LIN_VEL_NOTE
+
+            print(f"fleet: note: this policy needs {LIN_VEL_NOTE}", file=sys.stderr)
     ann = publish(
         cfg,
         args.model,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from agent.errors import ConfigError
 from agent.go2 import deploy
 from agent.go2.crc import crc32_words
 from agent.go2.mapping import Mapper, RobotState, projected_gravity, world_to_body
-from agent.go2.safety import Safety, limit_torque
+from agent.go2.safety import JOINT_HIGH, Safety, TargetGuard, limit_torque
 from agent.go2.settings import Go2Config
 from tests.go2util import PRESETS, go2_data, need_stack
 
@@ -165,24 +166,126 @@ def test_deploy_config_errors_name_the_key(tmp_path: Path) -> None:
         deploy.load(bad)
 
 
-def test_a_frozen_lowstate_feeds_the_policy_no_new_job(tmp_path: Path) -> None:
-    """Between the last lowstate and the stale timeout the timer loop reuses the latest state; the
-    policy must not be asked again on it (its own last action fed back on a frozen state drifts)."""
+def _walking_controller(tmp_path: Path, **cfg: Any) -> Any:
     from agent.go2.controller import Controller
     from agent.go2.safety import Mode
 
-    c = Controller(Go2Config(), tmp_path / "infer.sock", tmp_path / "go2.sock")
+    c = Controller(Go2Config(**cfg), tmp_path / "infer.sock", tmp_path / "go2.sock")
     c.mapper = Mapper(deploy.load(PRESETS / "robot_lab.toml"))
     c.safety.set(Mode.WALK, "walking", 0.0)
-    decimation = c.mapper.cfg.decimation
-    state = RobotState(
-        quat=np.array([1.0, 0, 0, 0]), gyro=np.zeros(3), q=c.mapper.default_stance(), dq=np.zeros(12), tick=7
+    return c
+
+
+def _standing(c: Any, tick: int = 0, remote: bytes = b"") -> RobotState:
+    return RobotState(
+        quat=np.array([1.0, 0, 0, 0]),
+        gyro=np.zeros(3),
+        q=c.mapper.default_stance(),
+        dq=np.zeros(12),
+        tick=tick,
+        remote=remote,
     )
+
+
+def test_a_frozen_lowstate_feeds_the_policy_no_new_job(tmp_path: Path) -> None:
+    """Between the last lowstate and the stale timeout the timer loop reuses the latest state; the
+    policy must not be asked again on it (its own last action fed back on a frozen state drifts)."""
+    from agent.go2.safety import Mode
+
+    c = _walking_controller(tmp_path)
+    decimation = c.mapper.cfg.decimation
+    state = _standing(c, tick=7)
     for _ in range(3 * decimation):
-        c.step(state, time.monotonic())
+        c.step(state, time.monotonic(), 1)
     assert c.job_seq == 1
-    state.tick = 8
     for _ in range(decimation):
-        c.step(state, time.monotonic())
+        c.step(state, time.monotonic(), 2)
     assert c.job_seq == 2
     assert c.safety.mode == Mode.WALK
+
+
+def test_freshness_is_by_arrival_not_by_tick(tmp_path: Path) -> None:
+    """Unitree's simulator leaves LowState.tick at 0: every lowstate that arrives is new, and the
+    policy is asked on each policy period; a walk whose policy is not asked for longer than its
+    period and deadline holds (no silent walk on stale targets)."""
+    from agent.go2.safety import Mode
+
+    c = _walking_controller(tmp_path)
+    decimation = c.mapper.cfg.decimation
+    arrival = 0
+    for _ in range(5 * decimation):
+        arrival += 1
+        c.step(_standing(c, tick=0), time.monotonic(), arrival)
+    assert c.job_seq == 5  # one job per policy period, all on tick 0
+    from agent.go2.inference import Outcome
+
+    # The last job was answered (the policy is fine), but no lowstate has come for a second.
+    c.policy._outcome = Outcome(c.job_seq, "ok", targets=c.mapper.default_stance(), mapper=c.mapper, version="v1")
+    c.job_at = time.monotonic() - 1.0
+    c.step(_standing(c, tick=0), time.monotonic(), arrival)
+    assert c.safety.mode == Mode.HOLD and "the policy was not asked for" in c.safety.reason
+
+
+def unitree_remote(lx: float, ly: float, rx: float, ry: float, keys: int = 0) -> bytes:
+    """wireless_remote as Unitree's bridge fills it (unitree_sdk2py_bridge.py PublishLowState):
+    keys in [2:4], struct.pack("f") of lx, rx, ry, ly into [4:8], [8:12], [12:16], [20:24]."""
+    raw = bytearray(40)
+    raw[2], raw[3] = keys & 0xFF, keys >> 8
+    for at, v in ((4, lx), (8, rx), (12, ry), (20, ly)):
+        raw[at : at + 4] = struct.pack("f", v)
+    return bytes(raw)
+
+
+def test_the_sticks_drive_the_command(tmp_path: Path) -> None:
+    from agent.go2 import remote
+    from agent.go2.safety import Mode
+
+    assert remote.sticks(unitree_remote(0.1, 0.2, 0.3, 0.4)) == pytest.approx((0.1, 0.2, 0.3, 0.4))
+    assert remote.sticks(b"") == (0.0, 0.0, 0.0, 0.0)  # no remote: resting sticks
+    limits = np.array([1.0, 0.5, 1.0])
+    assert remote.target(unitree_remote(0.05, -0.05, 0.07, 0), limits).tolist() == [0, 0, 0]  # the dead band
+    full = remote.target(unitree_remote(-1.0, 1.0, 1.0, 0), limits)
+    assert full == pytest.approx([1.0, 0.5, -1.0])  # ly forward, lx left -> +vy, rx right -> turn right
+    assert remote.target(unitree_remote(float("nan"), 5.0, 0, 0), limits) == pytest.approx([1.0, 0, 0])
+
+    c = _walking_controller(tmp_path, simulated=False)  # on the robot the remote drives by default
+    assert c.cfg.source == "remote" and c.command.tolist() == [0, 0, 0]
+    forward = unitree_remote(0.0, 1.0, 0.0, 0.0)
+    for n in range(1, 501):
+        c.step(_standing(c, remote=forward), time.monotonic(), n)
+        if n == 100:
+            assert c.command[0] == pytest.approx(100 * remote.RATE_LIMIT[0] / 500)  # ramps, no step
+    assert c.command == pytest.approx([1.0, 0.0, 0.0])  # the deploy config's limit after a second
+    refused = c._handle({"cmd": "command", "value": [0.2, 0, 0]}, _standing(c), 0.0)
+    assert not refused["ok"] and "remote" in refused["error"]
+    estop = unitree_remote(0.0, 1.0, 0.0, 0.0, keys=1 << 9)  # B held while pushing forward
+    c.step(_standing(c, remote=estop), time.monotonic(), 501)
+    assert c.safety.mode == Mode.DAMP and "e-stop" in c.safety.reason
+
+
+def test_an_out_of_range_target_is_clipped_and_damps_only_when_it_persists() -> None:
+    m = Mapper(deploy.load(PRESETS / "robot_lab.toml"))
+    guard = TargetGuard(Safety(Go2Config()))
+    far = m.default_stance()
+    far[2] = 0.3  # a calf target 1.14 rad past its range: a stumble's action
+    for _ in range(2):
+        used, why = guard.check(far)
+        assert why is None and used[2] == pytest.approx(JOINT_HIGH[2] + 1.0)
+    used, why = guard.check(m.default_stance())
+    assert why is None and guard.run == 0
+    for _ in range(2):
+        guard.check(far)
+    _, why = guard.check(far)
+    assert why is not None and "3 policy steps in a row" in why
+
+
+def test_a_lin_vel_policy_sees_body_frame_velocity_on_a_yawed_robot() -> None:
+    """rt/sportmodestate's velocity is in the world frame; the observation is in the body frame."""
+    m = Mapper(deploy.load(PRESETS / "legged_gym.toml"))
+    assert m.cfg.observations[0] == "lin_vel"
+    yaw90 = np.array([np.cos(np.pi / 4), 0, 0, np.sin(np.pi / 4)])  # facing +y
+    s = RobotState(quat=yaw90, gyro=np.zeros(3), q=m.default_stance(), dq=np.zeros(12), tick=0)
+    s.lin_vel_world = np.array([0.0, 1.0, 0.0])  # moving along +y in the world: forward for this robot
+    obs = m.observation(s, np.zeros(3), np.zeros(12))
+    scale = float(np.asarray(m.cfg.obs_scales["lin_vel"]).ravel()[0])
+    assert obs.ravel()[:3] == pytest.approx([scale, 0.0, 0.0], abs=1e-6)

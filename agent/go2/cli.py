@@ -28,6 +28,14 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--duration", type=float, help="stop after this many simulated seconds")
     c.add_argument("--estop-at", type=float, help="hold the remote's e-stop key from this simulated time on")
     c.add_argument("--sport-state", action="store_true", help="also publish rt/sportmodestate (base velocity)")
+    c.add_argument(
+        "--count-ticks",
+        action="store_true",
+        help="count LowState.tick like the robot's firmware (default: 0, like Unitree's simulator)",
+    )
+    c.add_argument(
+        "--sticks", type=float, nargs=4, metavar=("LX", "LY", "RX", "RY"), help="the remote's sticks, held (-1..1)"
+    )
     c.set_defaults(func=cmd_sim)
     for name, helptext in (
         ("arm", "soft start to the default stance, then walk"),
@@ -81,6 +89,8 @@ def cmd_sim(cfg: AgentConfig, args: argparse.Namespace) -> int:
         duration_s=args.duration,
         estop_at_s=args.estop_at,
         sport_state=args.sport_state,
+        count_ticks=args.count_ticks,
+        sticks=tuple(args.sticks) if args.sticks else None,
     ).run()
 
 

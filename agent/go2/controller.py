@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from agent.errors import AgentError
-from agent.go2 import dds
+from agent.go2 import dds, remote
 from agent.go2.inference import Job, Outcome, PolicyThread, figures_us
 from agent.go2.mapping import Mapper, RobotState
-from agent.go2.safety import Mode, MotorCommand, Safety, limit_torque
+from agent.go2.safety import Mode, MotorCommand, Safety, TargetGuard, limit_torque
 from agent.go2.settings import Go2Config
 from agent.system.control import ControlRequest, ControlServer
 
@@ -40,12 +40,13 @@ class Controller:
     def __init__(self, cfg: Go2Config, agent_socket: Path, control_socket: Path) -> None:
         self.cfg = cfg
         self.safety = Safety(cfg)
+        self.guard = TargetGuard(self.safety)
         self.policy = PolicyThread(agent_socket, timeout_s=cfg.lockstep_wait_s if cfg.lockstep else 1.0)
         self.requests: queue.Queue[ControlRequest[dict[str, Any]] | None] = queue.Queue()  # None: stop
         self.control = ControlServer(
             control_socket, control_socket.parent / "go2-incoming", self.requests.put, _as_sent
         )
-        self.command = np.asarray(cfg.command, np.float64)
+        self.command = np.asarray(cfg.command if cfg.source == "config" else [0.0, 0.0, 0.0], np.float64)
         self.stopping = threading.Event()
         self.lowstate = dds.Latest()
         self.velocity = dds.Latest()  # rt/sportmodestate: only policies with a lin_vel term need it
@@ -57,7 +58,9 @@ class Controller:
         self.events: list[dict[str, Any]] = []  # mode changes and model versions, newest last
         self.snapshot: dict[str, Any] = {}
         self._last_state_tick = -1
-        self._posted_tick = -1  # the lowstate tick of the last policy job
+        self._version_seen = ""  # the model version of the last event
+        self._posted_arrival = -1  # which lowstate (by arrival) the last policy job was asked on
+        self._arrival = 0  # the lowstate the current step runs on
         self._last_cmd: Any = None
         self._applied = 0
         self._periods = np.zeros(PERIOD_WINDOW)  # seconds between loop iterations (timer clock)
@@ -120,16 +123,16 @@ class Controller:
                 time.sleep(max(0.0, next_at - time.monotonic() - SLEEP_SLACK_S))
                 if time.monotonic() - next_at > 0.1:
                     next_at = time.monotonic()  # far behind (suspended?): don't try to catch up
-                value = self.lowstate.value
+                value, seen = self.lowstate.snapshot()
             if value is None:
                 continue
             self._record_period()
             state, received = value
             if self.cfg.lockstep and state.tick == self._last_state_tick:
-                writer.write(self._last_cmd)  # the simulator asked again: same answer
+                writer.write(self._last_cmd)  # the simulator asked again (its lockstep tick): same answer
                 continue
             self._last_state_tick = state.tick
-            writer.write(self._fill(self.step(state, received), state.tick))
+            writer.write(self._fill(self.step(state, received, seen), state.tick))
 
     def _record_period(self) -> None:
         t = time.monotonic()
@@ -148,8 +151,11 @@ class Controller:
         """Seconds on the loop's clock: sim time in lockstep, wall time otherwise."""
         return self.tick / CONTROL_HZ if self.cfg.lockstep else time.monotonic()
 
-    def step(self, state: RobotState, received: float) -> MotorCommand:
+    def step(self, state: RobotState, received: float, arrival: int) -> MotorCommand:
+        """One control period on the latest lowstate, the `arrival`-th to come (freshness is by
+        arrival: `tick` is 0 from Unitree's simulator and counts ms on the robot)."""
         self.tick += 1
+        self._arrival = arrival
         now = self._now()
         self._drain_requests(state, now)
         if not self.cfg.lockstep and time.monotonic() - received > self.cfg.lowstate_timeout_s:
@@ -161,9 +167,12 @@ class Controller:
             )
         if self.safety.mode != Mode.DAMP and self.safety.estop_pressed(state.remote):
             self._to(Mode.DAMP, "e-stop from the remote", now)
+        if self.cfg.source == "remote" and self.mapper is not None:
+            wanted = remote.target(state.remote, self.mapper.cfg.command_limits)
+            self.command = remote.toward(self.command, wanted, 1.0 / CONTROL_HZ)
         mode = self.safety.mode
         if mode in (Mode.WALK, Mode.HOLD):
-            self._policy_tick(state, now)
+            self._policy_tick(state, now, arrival)
         return self._command(state, now)
 
     def _command(self, state: RobotState, now: float) -> MotorCommand:
@@ -190,9 +199,9 @@ class Controller:
         self.policy.reset()
         self.targets = None
         self._to(Mode.WALK, "soft start done: the policy drives", now)
-        self._post(state, now)
+        self._post(state, now, self._arrival)
 
-    def _policy_tick(self, state: RobotState, now: float) -> None:
+    def _policy_tick(self, state: RobotState, now: float, arrival: int) -> None:
         decimation = self.mapper.cfg.decimation if self.mapper else DECIMATION
         wait = self.cfg.lockstep_wait_s if self.cfg.lockstep else 0.0
         outcome = self.policy.take(self.job_seq, wait)
@@ -204,17 +213,34 @@ class Controller:
                 Mode.HOLD, f"inference timeout: no action {1000 * (now - self.job_at):.0f} ms after the request", now
             )
         if self.safety.mode in (Mode.WALK, Mode.HOLD) and self.tick % decimation == 0:
-            self._post(state, now)
+            self._post(state, now, arrival)
+        self._check_policy_asked(now, decimation)
+
+    def _check_policy_asked(self, now: float, decimation: int) -> None:
+        """Walking on a policy that has not been asked for longer than its period plus its deadline
+        is a fault: the robot would follow stale targets while everything says "walk"."""
+        if self.safety.mode != Mode.WALK or not self.job_at:
+            return
+        deadline = self.mapper.cfg.inference_deadline_s if self.mapper else 0.05
+        limit = decimation / CONTROL_HZ + deadline
+        if now - self.job_at > limit:
+            self._to(
+                Mode.HOLD,
+                f"the policy was not asked for {1000 * (now - self.job_at):.0f} ms (its period and deadline: "
+                f"{1000 * limit:.0f} ms): no new lowstate",
+                now,
+            )
 
     def _job_late(self, now: float) -> bool:
         deadline = self.mapper.cfg.inference_deadline_s if self.mapper else 0.05
         return self.cfg.lockstep or now - self.job_at > deadline
 
-    def _post(self, state: RobotState, now: float) -> None:
-        if state.tick == self._posted_tick:
+    def _post(self, state: RobotState, now: float, arrival: int) -> None:
+        if arrival == self._posted_arrival:
             # No lowstate since the last job (the timer loop reuses the latest): the policy would see
             # its own last action with a frozen state and can drift out of range within the stale
-            # timeout. Keep the last targets until a new lowstate or the stale check damps.
+            # timeout. Keep the last targets until a new lowstate, the policy check holds or the
+            # stale check damps.
             return
         if self.mapper is not None and "lin_vel" in self.mapper.cfg.observations:
             why = self._velocity_missing()
@@ -222,12 +248,15 @@ class Controller:
                 self._to(Mode.HOLD, why, now)
                 return
             state.lin_vel_world = self.velocity.value[0]
-        self._posted_tick = state.tick
+        self._posted_arrival = arrival
         self.job_seq += 1
         self.job_at = now
         self.policy.post(Job(self.job_seq, state, self.command.copy()))
 
     def _apply(self, out: Outcome, now: float) -> None:
+        if out.version and out.version != self._version_seen:  # a swap shows even when its first action is bad
+            self._version_seen = out.version
+            self._event("model", version=out.version, reason="the policy's active model")
         if out.kind == "inference":
             if self.safety.mode == Mode.WALK:
                 self._to(Mode.HOLD, out.reason, now)
@@ -236,14 +265,12 @@ class Controller:
             self._to(Mode.DAMP, out.reason, now)
             return
         assert out.targets is not None and out.mapper is not None
-        why = self.safety.target_fault(out.targets)
+        self.mapper = out.mapper  # the deploy config of the model that answered
+        targets, why = self.guard.check(out.targets)
         if why:
             self._to(Mode.DAMP, why, now)
             return
-        if out.mapper is not self.mapper:
-            self.mapper = out.mapper
-            self._event("model", version=out.version, reason="deploy config of the active model")
-        self.targets = out.targets
+        self.targets = targets
         if self.safety.mode == Mode.HOLD:
             self._to(Mode.WALK, "good actions again", now)
 
@@ -297,6 +324,8 @@ class Controller:
             self._to(Mode.DAMP, "damp requested (agent go2 damp)", now)
             return {"ok": True, "mode": self.safety.mode.value}
         if cmd == "command":
+            if self.cfg.source == "remote":
+                return {"ok": False, "error": 'the remote\'s sticks drive (go2.command_source = "remote")'}
             value = req.get("value")
             if not isinstance(value, list) or len(value) != 3:
                 return {"ok": False, "error": "command: [vx, vy, wz]"}
@@ -322,6 +351,7 @@ class Controller:
         if why:
             return {"ok": False, "error": f"not arming: {why}"}
         self.mapper = self.policy.mapper
+        self._version_seen = self.policy.version
         self._event("model", version=self.policy.version, reason="armed")
         self._applied = self.job_seq  # job numbers only grow: an old outcome never answers a new request
         self.safety.arm(now, state.q)
@@ -334,7 +364,11 @@ class Controller:
             "reason": self.safety.reason,
             "model_version": self.mapper and self.policy.version,
             "command": self.command.tolist(),
+            "command_source": self.cfg.source,
             "state_tick": state.tick,
+            "lowstate_arrivals": self._arrival,
+            "targets_clipped": self.guard.clipped,
+            "policy_asked_ms_ago": round(1000 * (now - self.job_at)) if self.job_at else None,
             "loop_tick": self.tick,
             "clock": "lockstep" if self.cfg.lockstep else "timer",
             "idle": self._idle(state),
@@ -348,8 +382,12 @@ class Controller:
         return self.safety.mode == Mode.WALK and not self.command.any() and still
 
     def status(self) -> dict[str, Any]:
+        """The loop's last snapshot; mode and lowstate count as of now (before any lowstate, too)."""
         return {
             **self.snapshot,
+            "mode": self.safety.mode.value,
+            "reason": self.safety.reason,
+            "lowstate_arrivals": self.lowstate.count,
             "loop_period": self._loop_figures(),
             "inference": self.policy.round_trip_figures(),
             "events": list(self.events),
@@ -380,9 +418,14 @@ def release_sport_service(cfg: Go2Config, tries: int = 5) -> None:
             log.info("the sport service is released")
             return
         log.info("releasing the sport service (%s)", result.get("name"))
-        client.ReleaseMode()
+        code, _ = client.ReleaseMode()
+        if code != 0:
+            raise AgentError(
+                f"the motion switcher refused to release {result.get('name')!r} (code {code}): refusing to start "
+                "low-level control"
+            )
         time.sleep(1.0)
-    raise AgentError("the sport service did not release the robot: refusing to start low-level control")
+    raise AgentError(f"the sport service did not let go after {tries} releases: refusing to start low-level control")
 
 
 def _as_sent(request: dict[str, Any], _received: Path | None) -> dict[str, Any]:

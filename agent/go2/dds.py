@@ -1,12 +1,17 @@
 """The Go2's low-level DDS interface (rt/lowstate, rt/lowcmd) through the official message types
 (unitree_sdk2py) on cyclonedds. Both the controller and the simulator use this module.
 
-Loopback has no multicast flag, so on `lo` cyclonedds discovers by unicast to 127.0.0.1 (each test
-picks its own DDS domain, so tests never see each other's robots)."""
+Discovery is configured exactly as Unitree's SDK configures it (`ChannelFactoryInitialize(domain,
+interface)`, unitree_sdk2py/core/channel_config.py): the interface by name, multicast "default", no
+peers; no interface: cyclonedds chooses. So the controller and `agent go2 sim` discover, and are
+discovered by, every program built on unitree_sdk2py (Unitree's simulator, the robot's services),
+whichever starts first. Tests keep apart by domain, one each. CYCLONEDDS_URI, when set, replaces
+this configuration entirely (cyclonedds reads it)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -37,19 +42,18 @@ def _types() -> Any:
     return LowCmd_, LowState_, SportModeState_, default
 
 
-def cyclonedds_config(interface: str | None) -> str:
+URI_ENV = "CYCLONEDDS_URI"
+
+
+def cyclonedds_config(interface: str | None) -> str | None:
+    """unitree_sdk2py's own configuration for `interface`; None when CYCLONEDDS_URI is set."""
+    if os.environ.get(URI_ENV):
+        return None
     if interface in (None, ""):
         nic = '<NetworkInterface autodetermine="true" priority="default" multicast="default"/>'
-        return f"<CycloneDDS><Domain Id='any'><General><Interfaces>{nic}</Interfaces></General></Domain></CycloneDDS>"
-    general = f'<Interfaces><NetworkInterface name="{interface}" priority="default" multicast="default"/></Interfaces>'
-    discovery = ""
-    if interface == "lo":
-        general += "<AllowMulticast>false</AllowMulticast>"
-        discovery = (
-            "<Discovery><ParticipantIndex>auto</ParticipantIndex><MaxAutoParticipantIndex>40</MaxAutoParticipantIndex>"
-            '<Peers><Peer address="127.0.0.1"/></Peers></Discovery>'
-        )
-    return f"<CycloneDDS><Domain Id='any'><General>{general}</General>{discovery}</Domain></CycloneDDS>"
+    else:
+        nic = f'<NetworkInterface name="{interface}" priority="default" multicast="default"/>'
+    return f'<CycloneDDS><Domain Id="any"><General><Interfaces>{nic}</Interfaces></General></Domain></CycloneDDS>'
 
 
 class Bus:
@@ -63,8 +67,9 @@ class Bus:
         self.LowCmd, self.LowState, self.SportState, self._default = _types()
         self._domain: Any = None
         # DDSException: already set up in this process (unitree_sdk2py's ChannelFactory, for the sport service)
+        config = cyclonedds_config(interface)
         with contextlib.suppress(DDSException):
-            self._domain = Domain(domain, cyclonedds_config(interface))
+            self._domain = Domain(domain, config) if config is not None else Domain(domain)
         self.participant = DomainParticipant(domain)
         policies: list[Any] = [Policy.History.KeepLast(1)]
         if reliable:  # lockstep: every command and state must arrive
@@ -164,7 +169,8 @@ def fill_sportstate(msg: Any, position: np.ndarray, velocity: np.ndarray) -> Any
 
 
 class Latest:
-    """The newest sample of a topic and when it came, for a loop on another thread."""
+    """The newest sample of a topic and how many have arrived: a sample is new because it arrived
+    (`count` grew), never because a field in it changed (Unitree's simulator leaves `tick` at 0)."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
@@ -176,6 +182,10 @@ class Latest:
             self.value = value
             self.count += 1
             self.cond.notify_all()
+
+    def snapshot(self) -> tuple[Any, int]:
+        with self.cond:
+            return self.value, self.count
 
     def wait_newer(self, seen: int, timeout: float) -> tuple[Any, int]:
         with self.cond:

@@ -41,6 +41,7 @@ class DeployConfig:
     policy_hz: float
     control_hz: float
     inference_deadline_s: float
+    command_limits: np.ndarray  # |vx|, |vy|, |wz| the policy was trained for: the remote's full stick
     input_name: str | None
     output_name: str | None
     source: dict[str, Any]  # what it was built from (goes into the manifest as is)
@@ -94,7 +95,7 @@ def from_dict(d: dict[str, Any]) -> DeployConfig:
     known = {
         "observations", "obs_scales", "obs_clip", "joint_order", "default_q", "action_scale", "action_clip",
         "action_bound", "kp", "kd", "torque_limit", "policy_hz", "control_hz", "inference_deadline_s",
-        "input", "output", "name",
+        "command_limits", "input", "output", "name",
     }  # fmt: skip
     unknown = sorted(set(d) - known)
     if unknown:
@@ -121,6 +122,7 @@ def from_dict(d: dict[str, Any]) -> DeployConfig:
         policy_hz=_pos(d, "policy_hz", 50.0),
         control_hz=_pos(d, "control_hz", 500.0),
         inference_deadline_s=_pos(d, "inference_deadline_s", 0.05),
+        command_limits=_limits(d.get("command_limits", [1.0, 0.5, 1.0])),
         input_name=d.get("input"),
         output_name=d.get("output"),
         source=dict(d),
@@ -137,6 +139,14 @@ def from_manifest_extra(extra: dict[str, Any]) -> DeployConfig | None:
     if not isinstance(raw, dict):
         raise ConfigError(f"manifest.{MANIFEST_KEY} must be an object")
     return from_dict(raw)
+
+
+def _limits(v: Any) -> np.ndarray:
+    ok = isinstance(v, list) and len(v) == 3
+    ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
+    if not ok:
+        raise ConfigError(f"deploy config: command_limits must be three positive numbers [vx, vy, wz], got {v!r}")
+    return np.asarray(v, np.float64)
 
 
 def _req(d: dict[str, Any], key: str) -> Any:

@@ -75,6 +75,15 @@ class Safety:
             return f"target {targets[worst]:.3f} rad for motor {worst} outside its range by more than {m} rad"
         return None
 
+    def clip_targets(self, targets: np.ndarray) -> tuple[np.ndarray, str | None]:
+        """Targets held within the joint range plus the margin, and why, when some were not.
+        One such action is a stumble a walking policy recovers from (measured on Unitree's
+        simulator: calf targets up to 1.1 rad past the range, then normal walking); damping
+        there would drop the dog. `TargetGuard` damps when it goes on."""
+        why = self.target_fault(targets)
+        m = self.cfg.joint_margin_rad
+        return np.clip(targets, JOINT_LOW - m, JOINT_HIGH + m), why
+
     def damping(self) -> MotorCommand:
         z = np.zeros(12)
         return MotorCommand(z, z, z, z, np.full(12, self.cfg.damping_kd))
@@ -83,6 +92,28 @@ class Safety:
         """Interpolated target and whether the soft start is over."""
         a = min(1.0, (now - self.since) / self.cfg.soft_start_s)
         return self._start_q + (stance - self._start_q) * a, a >= 1.0
+
+
+class TargetGuard:
+    """Out-of-range targets are clipped; on `limit` policy steps in a row they are a fault (damping)."""
+
+    def __init__(self, safety: Safety, limit: int = 3) -> None:
+        self.safety = safety
+        self.limit = limit
+        self.run = 0  # consecutive policy steps with a target clipped
+        self.clipped = 0  # in all
+
+    def check(self, targets: np.ndarray) -> tuple[np.ndarray, str | None]:
+        """(the targets to use, a fault reason when the policy keeps asking beyond the range)."""
+        clipped, why = self.safety.clip_targets(targets)
+        if why is None:
+            self.run = 0
+            return clipped, None
+        self.run += 1
+        self.clipped += 1
+        if self.run >= self.limit:
+            return clipped, f"{why}, {self.run} policy steps in a row"
+        return clipped, None
 
 
 def limit_torque(

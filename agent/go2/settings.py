@@ -37,7 +37,11 @@ class Go2Config:
     simulated: bool = False  # true: no sport service to release (a simulator on the other end)
     lockstep: bool = False  # the loop runs on lowstate ticks (simulator lockstep mode), not on a timer
     control_socket: Path | None = None  # default: go2.sock beside the agent's socket
-    command: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # vx, vy, wz at start
+    command: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # vx, vy, wz at start (source "config")
+    # Where the velocity command comes from: "remote" (the sticks, agent.go2.remote), "config" (`command`,
+    # then `agent go2 command`), "cli" (zero until `agent go2 command`). "": remote on the real robot,
+    # config with `simulated = true`.
+    command_source: Literal["", "remote", "config", "cli"] = ""
     soft_start_s: float = 2.0
     hold_s: float = 1.0  # after an inference error/timeout: stand this long, then damp
     damping_kd: float = 2.0
@@ -47,6 +51,10 @@ class Go2Config:
     activation: Literal["immediate", "when-idle"] = "immediate"  # when-idle: swap only while the robot stands still
     lockstep_wait_s: float = 10.0  # lockstep: how long the loop waits for an answer before it counts a timeout
     sim_gate: SimGateConfig = field(default_factory=SimGateConfig)
+
+    @property
+    def source(self) -> str:
+        return self.command_source or ("config" if self.simulated else "remote")
 
     def check(self) -> None:
         for key in ("soft_start_s", "hold_s", "damping_kd", "lowstate_timeout_s", "lockstep_wait_s"):

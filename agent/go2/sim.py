@@ -1,6 +1,8 @@
 """`agent go2 sim --mjcf PATH`: a headless MuJoCo Go2 on the robot's DDS topics. It publishes
-rt/lowstate from the model's sensors and applies each rt/lowcmd as the motors' PD law every physics
-step, so a controller cannot tell it from the robot.
+rt/lowstate from the model's sensors every physics step and applies each rt/lowcmd as the motors'
+PD law every physics step. Where it matters to a controller it behaves like Unitree's own simulator
+(unitree_mujoco's bridge): `tick` stays 0 in real time (`--count-ticks` counts it like the robot's
+firmware), so a controller cannot lean on a convention the real counterparts do not share.
 
 Real time: physics at its own timestep on a timer, the latest command applied.
 Lockstep (tests): one physics step per command, and only for the command that answers the last
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import struct
 import threading
 import time
 from pathlib import Path
@@ -41,6 +44,8 @@ class Simulator:
         duration_s: float | None = None,
         estop_at_s: float | None = None,
         sport_state: bool = False,
+        count_ticks: bool = False,
+        sticks: tuple[float, ...] | None = None,
     ) -> None:
         self.physics = Go2Physics(mjcf)
         self.lockstep = lockstep
@@ -48,6 +53,8 @@ class Simulator:
         self.duration_s = duration_s
         self.estop_at_s = estop_at_s
         self.sport_state = sport_state  # also publish the base velocity, as a state estimator would
+        self.count_ticks = count_ticks or lockstep  # lockstep answers name the tick they answer
+        self.sticks = sticks  # the remote's (lx, ly, rx, ry), held for the whole run
         self.commands = dds.Latest()
         self.bad_crc = 0
         self._trace: IO[str] | None = trace.open("a") if trace else None
@@ -83,8 +90,11 @@ class Simulator:
 
     def _publish(self, writer: Any) -> None:
         s = self.physics.state()
-        if self.estop_at_s is not None and self.physics.time >= self.estop_at_s:
-            s.remote = bytes([0, 0, 0, 1 << 1])  # key B held (bit 9)
+        if not self.count_ticks:
+            s.tick = 0  # as Unitree's bridge leaves it
+        keys = 1 << 9 if self.estop_at_s is not None and self.physics.time >= self.estop_at_s else 0  # key B
+        if keys or self.sticks:
+            s.remote = remote_bytes(keys, self.sticks or (0.0, 0.0, 0.0, 0.0))
         if self._sport is not None:  # before the lowstate it goes with
             self._sport.write(dds.fill_sportstate(self._sport_msg, self.physics.base_position, s.lin_vel_world))
         writer.write(dds.fill_lowstate(self._msg, s))
@@ -138,3 +148,15 @@ class Simulator:
 
     def _done(self) -> bool:
         return self.stopping.is_set() or (self.duration_s is not None and self.physics.time >= self.duration_s)
+
+
+def remote_bytes(keys: int, sticks: tuple[float, ...]) -> bytes:
+    """LowState.wireless_remote as the robot fills it (Unitree's bridge writes the same layout):
+    head [0:2], keys [2:4] (u16 little-endian), lx [4:8], rx [8:12], ry [12:16], L2 [16:20],
+    ly [20:24] (float32 little-endian)."""
+    lx, ly, rx, ry = sticks
+    raw = bytearray(40)
+    struct.pack_into("<H", raw, 2, keys)
+    struct.pack_into("<fff", raw, 4, lx, rx, ry)
+    struct.pack_into("<f", raw, 20, ly)
+    return bytes(raw)

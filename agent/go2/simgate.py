@@ -19,7 +19,7 @@ from agent.errors import AgentError, RejectedModel
 from agent.go2 import deploy
 from agent.go2.deploy import DeployConfig
 from agent.go2.mapping import Mapper
-from agent.go2.safety import Safety, limit_torque
+from agent.go2.safety import Safety, TargetGuard, limit_torque
 from agent.go2.settings import Go2Config
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,12 @@ class Rollout:
     seconds: float  # simulated seconds the policy drove before the end (or the fall / fault)
     fault: str = ""
     fell: bool = False
+
+
+LIN_VEL_NOTE = (
+    "base linear velocity (lin_vel): the simulator gives it; on the robot a state estimator must publish "
+    "rt/sportmodestate (the sport service that does is released for low-level control): it will not arm without"
+)
 
 
 class Go2Gate:
@@ -54,6 +60,8 @@ class Go2Gate:
             "sim_min_height_m": round(r.min_height_m, 3),
             "sim_seconds": round(r.seconds, 2),
         }
+        if "lin_vel" in dc.observations:
+            figures["needs"] = LIN_VEL_NOTE
         what = f"command {g.command} for {g.duration_s:g} s simulated"
         if r.fault:
             raise RejectedModel("sim gate", f"{r.fault} after {r.seconds:.2f} s ({what})")
@@ -94,7 +102,7 @@ def rollout(engine: Engine, dc: DeployConfig, cfg: Go2Config, command: np.ndarra
 
     g = cfg.sim_gate
     assert g.mjcf is not None
-    ph, mapper, safety = Go2Physics(g.mjcf), Mapper(dc), Safety(cfg)
+    ph, mapper, guard = Go2Physics(g.mjcf), Mapper(dc), TargetGuard(Safety(cfg))
     kp, kd, limit = mapper.gains()
     z = np.zeros(12)
     start, stance = ph.state().q, mapper.default_stance()
@@ -114,8 +122,8 @@ def rollout(engine: Engine, dc: DeployConfig, cfg: Go2Config, command: np.ndarra
             raw = np.asarray(engine.run({in_name: mapper.observation(s, command, last)})[out_name], np.float64)
             raw = raw.reshape(-1)
             fault = mapper.fault(raw)
-            q_des = mapper.targets(raw) if fault is None else q_des
-            fault = fault or safety.target_fault(q_des)
+            if fault is None:
+                q_des, fault = guard.check(mapper.targets(raw))
             if fault:
                 return Rollout(float(ph.base_position[0] - x0), min_h, i * ph.dt, fault=fault)
             last = raw
