@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.contract.sqltx import Transactions
 from agent.errors import ConfigError
 
 _SCHEMA = """
@@ -34,6 +35,7 @@ class FleetDB:
             self.db.execute("PRAGMA schema_version")  # reads the header: a foreign file fails here, unwritten
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(_SCHEMA)
+            self.transaction = Transactions(self.db)
         except sqlite3.Error as err:
             self.db.close()
             raise ConfigError(f"{path} is not a collector database ({err}): check [collector] db") from err
@@ -49,7 +51,7 @@ class FleetDB:
         )
 
     def put_status(self, device_id: str, status: dict[str, Any]) -> None:
-        with self.db:
+        with self.transaction():
             self._touch(device_id)
             row = self.db.execute("SELECT status FROM devices WHERE device_id=?", (device_id,)).fetchone()
             merged = json.loads(row[0]) if row else {}
@@ -61,7 +63,7 @@ class FleetDB:
 
     def put_event(self, device_id: str, event: dict[str, Any]) -> bool:
         """False for a duplicate (QoS 1 may deliver twice; events carry a unique id)."""
-        with self.db:
+        with self.transaction():
             self._touch(device_id)
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO events (id, device_id, kind, ts, received, payload) VALUES (?,?,?,?,?,?)",
@@ -77,7 +79,7 @@ class FleetDB:
         return cur.rowcount == 1
 
     def put_telemetry(self, device_id: str, report: dict[str, Any]) -> None:
-        with self.db:
+        with self.transaction():
             self._touch(device_id)
             self.db.execute(
                 "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?)",

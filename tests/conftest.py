@@ -115,9 +115,11 @@ class Fleet:
             extra=extra,
         )
 
-    def spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def spawn(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
-            p = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **s3_env()})
+            p = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **s3_env(), **(env or {})}
+            )
         self.procs.append(p)
         return p
 
@@ -127,8 +129,10 @@ class Fleet:
         )
         return self.collector
 
-    def start_agent(self, cfg: Path) -> subprocess.Popen[bytes]:
-        p = self.spawn([bin_path("agent"), "--config", str(cfg), "run"], cfg.parent / "agent.log")
+    def start_agent(self, cfg: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        control = cfg.parent / "run" / "control.sock"
+        control.unlink(missing_ok=True)  # left by a killed agent: wait for this one's
+        p = self.spawn([bin_path("agent"), "--config", str(cfg), "run"], cfg.parent / "agent.log", env)
         wait_for(lambda: (cfg.parent / "run" / "control.sock").exists(), 20, "agent control socket")
         return p
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.coordinator.lifecycle import IllegalTransition, ModelState
+from agent.coordinator.reporter import Reporter
 from agent.coordinator.store import Store
 from tests.test_protocol import manifest
 
@@ -70,3 +72,64 @@ def test_deploy_wait_reads_staged_as_an_outcome_only_when_the_model_waits_there(
     store.set_state(rec, ModelState.STAGED, "waiting: activation policy is manual; `agent activate v1` to use it")
     assert _wait_outcome(cfg, rec.id, 5) == 0
     assert ": staged (waiting: activation policy is manual" in capsys.readouterr().out
+
+
+def _fail_inserts_into(store: Store, table: str) -> None:
+    """The next INSERT into `table` fails, as a full disk or a crash would stop it."""
+    store.db.execute(f"CREATE TRIGGER fail_{table} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'boom'); END")
+
+
+def test_a_state_change_and_its_history_are_one_commit(tmp_path: Path) -> None:
+    """The connection is in autocommit mode: without a transaction the UPDATE of the state
+    would be committed alone when the history row fails."""
+    store = Store(tmp_path)
+    rec = store.add(manifest(), "walk", 3, "channel", "announced")
+    _fail_inserts_into(store, "transitions")
+    with pytest.raises(sqlite3.IntegrityError, match="boom"):
+        store.set_state(rec, ModelState.DOWNLOADING, "s3://...")
+    assert store.get(rec.id).state is ModelState.ANNOUNCED
+    assert not store.db.in_transaction
+
+
+def _reporter(tmp_path: Path, store: Store) -> Reporter:
+    from agent.config import load
+    from agent.delivery.mqtt_link import Link
+    from agent.serving.telemetry import LatencyRecorder
+    from scripts.loopback.services import write_agent_config
+
+    cfg = load(
+        write_agent_config(
+            tmp_path / "agent.toml",
+            broker="mqtt://127.0.0.1:1",
+            s3="http://127.0.0.1:1",
+            state_dir=tmp_path,
+            socket_path=tmp_path / "infer.sock",
+            channel="walk",
+            device_id="go2-tx",
+            prefix="t",
+        )
+    )
+    link = Link(cfg.mqtt, cfg.device_id, "t/will", b"{}", lambda _e: None)  # never connected: events stay queued
+    return Reporter(cfg=cfg, store=store, link=link, server=None, recorder=LatencyRecorder())  # type: ignore[arg-type]
+
+
+def test_an_announcement_sequence_is_taken_only_with_its_record_and_event(tmp_path: Path) -> None:
+    """A crash between taking the sequence and adding the record would lose the announcement for
+    good (its redelivery reads as already handled)."""
+    store = Store(tmp_path)
+    reporter = _reporter(tmp_path, store)
+    _fail_inserts_into(store, "models")
+    with pytest.raises(sqlite3.IntegrityError, match="boom"):
+        reporter.record(manifest(), "walk", 7, "channel", "announced", mark=("seq:walk", 7))
+    assert store.mark("seq:walk") is None and store.outbox_size() == 0
+
+
+def test_a_transition_and_its_event_are_one_commit(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    reporter = _reporter(tmp_path, store)
+    rec = reporter.record(manifest(), "walk", 7, "channel", "announced", mark=("seq:walk", 7))
+    assert store.mark("seq:walk") == 7 and store.outbox_size() == 1
+    _fail_inserts_into(store, "outbox")
+    with pytest.raises(sqlite3.IntegrityError, match="boom"):
+        reporter.transition(rec, ModelState.DOWNLOADING, "s3://...")
+    assert store.get(rec.id).state is ModelState.ANNOUNCED and store.outbox_size() == 1

@@ -74,12 +74,15 @@ def test_security_exposure(tmp_path: Path) -> None:
     assert exposure <= 3.5
 
 
-def test_the_test_hook_cannot_be_enabled_under_the_unit() -> None:
-    """EDGE_AGENT_DEBUG_HANG (the hook that blocks the coordinator) is removed after any Environment=."""
+def test_the_test_hooks_cannot_be_enabled_under_the_unit() -> None:
+    """EDGE_AGENT_DEBUG_HANG (blocks the coordinator) and EDGE_AGENT_CRASH_AT (kills the daemon at
+    a crash point) are removed after any Environment=."""
+    from agent.proc.crashpoints import CRASH_ENV
     from agent.system.control import DEBUG_HANG_ENV
 
     lines = UNIT.read_text().splitlines()
-    assert f"UnsetEnvironment={DEBUG_HANG_ENV}" in lines
+    unset = [line.split("=", 1)[1].split() for line in lines if line.startswith("UnsetEnvironment=")]
+    assert [DEBUG_HANG_ENV, CRASH_ENV] in unset
 
 
 def test_the_socket_group_chown_is_allowed_by_the_system_call_filter() -> None:

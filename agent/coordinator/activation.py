@@ -21,6 +21,7 @@ from agent.coordinator.reporter import Reporter
 from agent.coordinator.store import ModelRecord, Store
 from agent.engines import Backend, engine_key, key_precision
 from agent.errors import AgentError, HandOverRefused, ServingFailed
+from agent.proc import crashpoints
 from agent.serving.server import InferenceServer, ServedModel, SwapStats
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ IdlePolicy = Callable[[], tuple[bool, str]]  # (may activate now, why not): the 
 IDLE_CHECK_S = 0.5
 RESTART_EVERY_S = 5.0
 PIN_MARK = "pin"
+WATCH_MARK = "watch"  # {record_id, previous_id} while a watch runs: a restart resumes it
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Activation:
         self.pipeline = pipeline
         self.backend = backend
         self.transition = reporter.transition
+        self.transitions = reporter.transitions
         self.emit = reporter.emit
         self.in_pipeline = in_pipeline  # the sha256 of the candidate at work: its files are kept
         self.idle_policy = idle_policy
@@ -151,12 +154,26 @@ class Activation:
         baseline = self._served_p99()
         self._end_watch("replaced before its watch ended")
         previous = self._swap(rec, served, keep_previous=True)
-        self.transition(rec, ModelState.ACTIVE, reason)
-        if previous_rec is not None and previous_rec.id != rec.id:
-            self.transition(previous_rec, ModelState.RETIRED, f"replaced by {rec.version}")
-        self.watch = Watch(
-            rec.id, rec.version, previous_rec.id if previous_rec else None, previous, time.monotonic(), baseline
-        )
+        previous_id = previous_rec.id if previous_rec is not None and previous_rec.id != rec.id else None
+        changes = [(rec, ModelState.ACTIVE, reason)]
+        if previous_rec is not None and previous_id is not None:
+            changes.append((previous_rec, ModelState.RETIRED, f"replaced by {rec.version}"))
+        self.transitions(*changes, mark=(WATCH_MARK, {"record_id": rec.id, "previous_id": previous_id}))
+        self.watch = Watch(rec.id, rec.version, previous_id, previous, time.monotonic(), baseline)
+
+    def resume_watch(self) -> None:
+        """At start: a watch that a crash or a stop cut short begins again for the active model
+        (the previous one is loaded only if it must roll back)."""
+        mark = self.store.mark(WATCH_MARK)
+        if not mark:
+            return
+        active = self.store.active()
+        if active is None or active.id != mark.get("record_id"):  # its activation was not recorded
+            self.store.set_mark(WATCH_MARK, None)
+            return
+        self.watch = Watch(active.id, active.version, mark.get("previous_id"), None, time.monotonic(), None)
+        log.warning("the watch of %s was cut short by a restart: it begins again", active.version)
+        self.emit("watch_resumed", model_id=active.id, version=active.version)
 
     def _swap(self, rec: ModelRecord, served: ServedModel, keep_previous: bool) -> ServedModel | None:
         try:
@@ -207,16 +224,20 @@ class Activation:
     def _rollback(self, w: Watch, reason: str) -> None:
         rec = self.store.get(w.record_id)
         self.watch = None
-        if w.previous is None or w.previous_id is None:
+        if w.previous_id is None:
             log.error("%s failed its watch (%s) and there is no previous model to go back to", w.version, reason)
+            self.store.set_mark(WATCH_MARK, None)
             self.emit("watch_failed", version=w.version, reason=f"{reason}; no previous model to roll back to")
             return
         previous = self.store.get(w.previous_id)
         try:
+            if w.previous is None:
+                raise ServingFailed("it was not loaded again after the restart")
             self.server.swap(w.previous)  # the failed model's process becomes the spare
         except (HandOverRefused, ServingFailed) as err:  # the previous model's process is gone too
-            self.server.release(w.previous)
-            log.warning("rolling back to %s: its serving process is gone (%s); loading it again", previous.version, err)
+            if w.previous is not None:
+                self.server.release(w.previous)
+            log.warning("rolling back to %s: %s; loading it again", previous.version, err)
             try:
                 self.server.swap(self._load_stored(previous))
             except Exception as err2:
@@ -227,8 +248,12 @@ class Activation:
                     "watch_failed", version=w.version, reason=f"{reason}; {previous.version} does not load: {err2}"
                 )
                 return
-        self.transition(rec, ModelState.ROLLED_BACK, f"post-activation watch: {reason}")
-        self.transition(previous, ModelState.ACTIVE, f"restored: {w.version} was rolled back ({reason})")
+        crashpoints.reached("rollback:swapped")
+        self.transitions(
+            (rec, ModelState.ROLLED_BACK, f"post-activation watch: {reason}"),
+            (previous, ModelState.ACTIVE, f"restored: {w.version} was rolled back ({reason})"),
+            mark=(WATCH_MARK, None),
+        )
 
     def _restart_serving(self, failure: str) -> None:
         """The active model's serving process ended outside a watch: load it again in a new one."""
@@ -249,10 +274,13 @@ class Activation:
 
     def _end_watch(self, why: str) -> None:
         w, self.watch = self.watch, None
-        if w is not None and w.previous is not None:
+        if w is None:
+            return
+        self.store.set_mark(WATCH_MARK, None)
+        if w.previous is not None:
             self.server.release(w.previous)
-            if why:
-                log.info("watch of %s ended: %s", w.version, why)
+        if why:
+            log.info("watch of %s ended: %s", w.version, why)
 
     # -- operator commands -------------------------------------------------------------------------
     # Each is begun on the coordinator (checks, and the swap when the model is loaded already), its
@@ -331,9 +359,10 @@ class Activation:
             return self._done(job, rec)
         self._end_watch("rolled back by the operator")
         self._swap(rec, served, keep_previous=False)
+        changes = [(rec, ModelState.ACTIVE, job.reason)]
         if active is not None:
-            self.transition(active, ModelState.ROLLED_BACK, "rolled back by the operator (`agent rollback`)")
-        return self.transition(rec, ModelState.ACTIVE, job.reason)
+            changes.insert(0, (active, ModelState.ROLLED_BACK, "rolled back by the operator (`agent rollback`)"))
+        return self.transitions(*changes)[-1]
 
     def _done(self, job: OperatorJob, rec: ModelRecord) -> ModelRecord:
         if job.cmd == "pin":

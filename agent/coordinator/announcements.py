@@ -90,11 +90,8 @@ class Announcements:
             why = f"stale announcement: sequence {ann.sequence} is older than the last handled ({last})"
             self.reporter.add_rejected(ann.manifest, ann.channel, ann.sequence, "channel", why)
             return
-        self.store.set_mark(mark, ann.sequence)
-        rec = self.store.add(
-            ann.manifest, ann.channel, ann.sequence, "channel", f"announced on {ann.channel} (sequence {ann.sequence})"
-        )
-        self.reporter.announced(rec)
+        why = f"announced on {ann.channel} (sequence {ann.sequence})"
+        rec = self.reporter.record(ann.manifest, ann.channel, ann.sequence, "channel", why, mark=(mark, ann.sequence))
         self.scheduler.schedule(Candidate(rec.id, ann.manifest, "channel"))
 
     @property

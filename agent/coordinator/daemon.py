@@ -33,7 +33,9 @@ from agent.engines import Backend, select_backend
 from agent.engines.fleet_share import EngineShare
 from agent.engines.provisioner import Provisioner
 from agent.errors import AgentError
+from agent.proc import crashpoints
 from agent.proc.child import protect_daemon
+from agent.proc.crashpoints import CRASH_ENV
 from agent.proc.sched import choose_background, pin_process
 from agent.serving.server import InferenceServer
 from agent.serving.telemetry import LatencyRecorder
@@ -133,9 +135,14 @@ class Daemon:
         log.info("downloads, checks, builds and model loads run %s", choose_background(self.cfg.serving_rt_priority))
         if os.environ.get(DEBUG_HANG_ENV) == "1":
             log.warning("%s=1: the test hook that blocks the coordinator is on (never on a robot)", DEBUG_HANG_ENV)
+        if crashpoints.armed():
+            log.warning(
+                "%s=%s: this daemon kills itself there (a test hook, never on a robot)", CRASH_ENV, crashpoints.armed()
+            )
         self.service.install_signal_handlers()
         protect_daemon()
         recovery.restore_active(self.store, self.server, self.backend, self.reporter)
+        self.activation.resume_watch()
         self.server.start()
         self.control.start()
         self.link.start()

@@ -51,8 +51,7 @@ class LocalDeploy:
         )
         skipped = (extra or {}).get("skip_checks")
         forced = f"; forced past: {', '.join(skipped)}" if skipped else ""
-        rec = self.store.add(manifest, self.cfg.channel, None, "local", f"deployed from a local file{forced}")
-        self.reporter.announced(rec)
+        rec = self.reporter.record(manifest, self.cfg.channel, None, "local", f"deployed from a local file{forced}")
         self.scheduler.schedule(Candidate(rec.id, manifest, "local"))
         return rec
 

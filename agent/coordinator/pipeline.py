@@ -24,6 +24,7 @@ from agent.delivery.onnx_check import inspect_onnx
 from agent.delivery.s3_fetch import Wanted
 from agent.engines.provisioner import Hooks, Obtained, Provisioner
 from agent.errors import EngineLoadFailed, RejectedModel, ServingFailed
+from agent.proc import crashpoints
 from agent.serving.server import InferenceServer, ServedModel
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class Pipeline:
 
     def _progress(self, record_id: int, last: list[int], done: int, total: int) -> None:
         """Posts the download's progress in at most PROGRESS_STEPS steps (and every MiB at most)."""
+        crashpoints.reached("download:early" if done < total * 0.8 else "download:late")
         if done == total or done - last[0] >= max(total // PROGRESS_STEPS, 1 << 20):
             last[0] = done
             self.post(DownloadProgress(record_id, done, total))
@@ -220,10 +222,14 @@ class Pipeline:
 
         return Hooks(
             stage=lambda reason: self.report(rid, ModelState.BUILDING, reason, {}),
-            progress=lambda info: self.post(BuildProgressed(rid, info)),
+            progress=functools.partial(self._build_progress, rid),
             notify=lambda kind, fields: self.post(Notify(kind, {"model_id": rid, "version": version, **fields})),
             cancelled=cancelled,
         )
+
+    def _build_progress(self, record_id: int, info: dict[str, Any]) -> None:
+        crashpoints.reached("build:running")
+        self.post(BuildProgressed(record_id, info))
 
     def _build(self, cand: Candidate, model_path: Path, precision: str) -> Obtained:
         hooks = self._hooks(cand)

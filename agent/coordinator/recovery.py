@@ -41,19 +41,19 @@ def restore_active(store: Store, server: InferenceServer, backend: Backend, repo
     except Exception as err:
         log.error("the active model %s does not load from its engine: %s", rec.version, err)
         reporter.transition(rec, ModelState.ROLLED_BACK, f"engine does not load after restart: {err}")
-        _rebuild_later(store, backend, rec)
+        _rebuild_later(store, reporter, backend, rec)
         return
     server.swap_now(served)
     log.info("restored active model %s from %s", rec.version, rec.engine_key)
 
 
-def _rebuild_later(store: Store, backend: Backend, rec: ModelRecord) -> None:
+def _rebuild_later(store: Store, reporter: Reporter, backend: Backend, rec: ModelRecord) -> None:
     """Queue the model again (its ONNX file is still here) so its engine is rebuilt for this
     backend; a newer unfinished candidate takes precedence."""
     if store.in_state(*RESUMABLE):
         return
     reason = f"rebuilding the engine of {rec.version} for {backend.name} {backend.version()}"
-    store.add(rec.manifest, rec.channel, None, rec.source, reason)
+    reporter.record(rec.manifest, rec.channel, None, rec.source, reason)
 
 
 def resume_unfinished(store: Store, reporter: Reporter, scheduler: CandidateScheduler) -> None:

@@ -14,6 +14,7 @@ from agent.contract.protocol import Manifest, Topics, encode, new_event, now
 from agent.coordinator.lifecycle import ModelState
 from agent.coordinator.store import ModelRecord, Store
 from agent.delivery.mqtt_link import Link
+from agent.proc import crashpoints
 from agent.serving.server import InferenceServer
 from agent.serving.telemetry import LatencyRecorder
 
@@ -48,18 +49,55 @@ class Reporter:
         self._next_telemetry = time.monotonic() + cfg.telemetry.interval_s
 
     # -- model records ------------------------------------------------------------------------------
+    # A record's change and its event are one commit: a crash never leaves a state the cloud does
+    # not hear of, nor an announcement's sequence taken without its record.
     def transition(self, rec: ModelRecord, state: ModelState, reason: str, **figures: Any) -> ModelRecord:
-        """The one way a model changes state: recorded, logged, published."""
-        rec = self.store.set_state(rec, state, reason, **figures)
-        level = logging.WARNING if state in (ModelState.REJECTED, ModelState.ROLLED_BACK) else logging.INFO
-        log.log(level, "model %s -> %s: %s", rec.version, state.value, reason)
-        self._model_event(rec, figures)
+        """The one way a model changes state: recorded with its event, logged, published."""
+        with self.store.transaction():
+            rec = self.store.set_state(rec, state, reason, **figures)
+            self._model_event(rec, figures)
+        return self._recorded(rec)
+
+    def transitions(
+        self, *changes: tuple[ModelRecord, ModelState, str], mark: tuple[str, Any] | None = None
+    ) -> list[ModelRecord]:
+        """Several records change together (a swap: one active, the other retired or rolled back),
+        with `mark`, in one commit: a crash between them would leave two active models or none."""
+        with self.store.transaction():
+            done = []
+            for rec, state, reason in changes:
+                done.append(self.store.set_state(rec, state, reason))
+                self._model_event(done[-1], {})
+            if mark is not None:
+                self.store.set_mark(*mark)
+        return [self._recorded(rec) for rec in done]
+
+    def _recorded(self, rec: ModelRecord) -> ModelRecord:
+        crashpoints.reached(f"recorded:{rec.state.value}")
+        level = logging.WARNING if rec.state in (ModelState.REJECTED, ModelState.ROLLED_BACK) else logging.INFO
+        log.log(level, "model %s -> %s: %s", rec.version, rec.state.value, rec.reason)
         self.status_changed = True
+        self.drain_outbox()
         return rec
 
-    def announced(self, rec: ModelRecord) -> None:
-        """A new record's first event (its state as added)."""
-        self._model_event(rec, {})
+    def record(
+        self,
+        manifest: Manifest,
+        channel: str,
+        sequence: int | None,
+        source: str,
+        reason: str,
+        *,
+        mark: tuple[str, Any] | None = None,
+    ) -> ModelRecord:
+        """A new record (announced) with its first event, and `mark` (the channel's handled
+        sequence) set in the same commit."""
+        with self.store.transaction():
+            if mark is not None:
+                self.store.set_mark(*mark)
+            rec = self.store.add(manifest, channel, sequence, source, reason)
+            self._model_event(rec, {})
+        return self._recorded(rec)
 
     def add_rejected(
         self,
@@ -73,11 +111,15 @@ class Reporter:
     ) -> ModelRecord:
         """A model refused before it became a candidate (a stale or unsigned announcement, a bad
         dropped file): recorded (`added` says how it came), then rejected with `reason`."""
-        rec = self.store.add(manifest, channel, sequence, source, added)
-        return self.transition(rec, ModelState.REJECTED, reason)
+        with self.store.transaction():
+            rec = self.store.add(manifest, channel, sequence, source, added)
+            self._model_event(rec, {})  # every transition has its event, the first one too
+            rec = self.store.set_state(rec, ModelState.REJECTED, reason)
+            self._model_event(rec, {})
+        return self._recorded(rec)
 
     def _model_event(self, rec: ModelRecord, figures: dict[str, Any]) -> None:
-        self.emit(
+        self._queue(
             "model_state",
             model_id=rec.id,
             version=rec.version,
@@ -90,13 +132,16 @@ class Reporter:
 
     # -- events through the outbox ------------------------------------------------------------------
     def emit(self, kind: str, **fields: Any) -> None:
+        self._queue(kind, **fields)
+        self.drain_outbox()
+
+    def _queue(self, kind: str, **fields: Any) -> None:
         event = new_event(self.cfg.device_id, kind, **fields)
         dropped = self.store.outbox_put(
             self.topics.events(self.cfg.device_id), encode(event), self.cfg.outbox_max_events
         )
         if dropped:
             log.warning("outbox full: dropped the %d oldest events", dropped)
-        self.drain_outbox()
 
     def drain_outbox(self) -> None:
         if not self.link.connected:

@@ -1,6 +1,6 @@
 """The state dir: model records, their transitions, per-channel sequence marks and the event
 outbox, all in one SQLite database (each change is one transaction, so a crash at any moment
-leaves a state the next start recovers from). Files live beside it:
+leaves a state the next start recovers from: `transaction()` groups a change with its event). Files live beside it:
 
     <state_dir>/agent.db
     <state_dir>/models/<sha256>.onnx      (+ .part while downloading)
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract.protocol import Manifest
+from agent.contract.sqltx import Transactions
 from agent.coordinator.lifecycle import ModelState, check_transition
 
 _SCHEMA = """
@@ -82,6 +83,7 @@ class Store:
         if readonly:
             uri = f"file:{state_dir / 'agent.db'}?mode=ro"
             self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            self.transaction = Transactions(self.db)
             return
         for d in (self.models_dir, self.engines_dir, self.golden_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -89,6 +91,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        self.transaction = Transactions(self.db)  # a change and its event in one commit
 
     def close(self) -> None:
         self.db.close()
@@ -105,7 +108,7 @@ class Store:
     # -- records ------------------------------------------------------------------------------
     def add(self, manifest: Manifest, channel: str, sequence: int | None, source: str, reason: str) -> ModelRecord:
         t = time.time()
-        with self.db:
+        with self.transaction():
             cur = self.db.execute(
                 "INSERT INTO models (version, sha256, channel, sequence, source, state, reason, manifest,"
                 " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -134,7 +137,7 @@ class Store:
         t = time.time()
         merged = {**rec.figures, **figures}
         activated = t if state is ModelState.ACTIVE else rec.activated_at
-        with self.db:
+        with self.transaction():
             self.db.execute(
                 "UPDATE models SET state=?, reason=?, figures=?, updated_at=?, activated_at=? WHERE id=?",
                 (state.value, reason, json.dumps(merged), t, activated, rec.id),
@@ -146,7 +149,7 @@ class Store:
         return self.get(rec.id)
 
     def set_engine_key(self, rec: ModelRecord, key: str) -> None:
-        with self.db:
+        with self.transaction():
             self.db.execute("UPDATE models SET engine_key=? WHERE id=?", (key, rec.id))
         rec.engine_key = key
 
@@ -181,7 +184,7 @@ class Store:
         return json.loads(row[0]) if row else None
 
     def set_mark(self, key: str, value: Any) -> None:
-        with self.db:
+        with self.transaction():
             self.db.execute(
                 "INSERT INTO marks (key, value) VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (key, json.dumps(value)),
@@ -190,7 +193,7 @@ class Store:
     # -- outbox ----------------------------------------------------------------------------------
     def outbox_put(self, topic: str, payload: bytes, max_rows: int) -> int:
         """Queue a message; drops the oldest beyond `max_rows`. Returns how many were dropped."""
-        with self.db:
+        with self.transaction():
             self.db.execute(
                 "INSERT INTO outbox (topic, payload, created) VALUES (?,?,?)", (topic, payload, time.time())
             )
@@ -204,7 +207,7 @@ class Store:
         return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows if r[0] not in exclude][:limit]
 
     def outbox_done(self, row_id: int) -> None:
-        with self.db:
+        with self.transaction():
             self.db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
 
     def outbox_size(self) -> int:

@@ -35,6 +35,7 @@ from agent.contract.protocol import TensorSpec
 from agent.engines import Backend, Engine
 from agent.engines.probes import random_inputs
 from agent.errors import Cancelled, EngineLoadFailed, HandOverRefused, RejectedModel, ServingFailed
+from agent.proc import crashpoints
 from agent.proc.child import die_with_parent, exit_reason
 from agent.proc.sched import pin, start_in_background, to_background, to_serving
 from agent.serving.loop import ServingLoop, ready
@@ -206,7 +207,7 @@ class ServingProcess:
         log.info("serving process %d started (%s)", self.pid, identity.version or "no model")
 
     # -- requests --------------------------------------------------------------------------------
-    def request(self, msg: Request, fd: int | None = None, timeout: float = 5.0) -> Reply:
+    def request(self, msg: Request, fd: int | None = None, timeout: float = 5.0, crash_point: str = "") -> Reply:
         with self._lock:
             try:
                 self.ctl.send(msg)
@@ -214,6 +215,7 @@ class ServingProcess:
                     reduction.send_handle(self.ctl, fd, self.pid)
             except OSError as err:
                 raise ServingFailed(self.failure() or f"the serving process is unreachable: {err}") from err
+            crashpoints.reached(crash_point)  # tests: the daemon dies with the request in flight
             return self._reply(timeout)
 
     def _reply(self, timeout: float) -> Reply:
@@ -261,7 +263,7 @@ class ServingProcess:
         """This process sends its listener and clients to `successor`; returns how many moved and
         its last counts. HandOverRefused (this process keeps serving) when the successor cannot
         take them."""
-        reply = self.request(HandOver(), successor._feed.fileno())
+        reply = self.request(HandOver(), successor._feed.fileno(), crash_point="hand-over")
         if isinstance(reply, Failed):
             raise HandOverRefused(reply.error)
         return self._expect(reply, HandedOver)
