@@ -34,14 +34,14 @@ def state_dir_problems(state: Path) -> list[str]:
     """The database is sound and tells one consistent story; no file is more than it says."""
     db = sqlite3.connect(f"file:{state / 'agent.db'}?mode=ro", uri=True)
     try:
-        problems = _db_problems(db)
+        problems = db_problems(db)
         problems += _file_problems(state, db)
     finally:
         db.close()
     return problems
 
 
-def _db_problems(db: sqlite3.Connection) -> list[str]:
+def db_problems(db: sqlite3.Connection) -> list[str]:
     problems = []
     check = db.execute("PRAGMA integrity_check").fetchone()[0]
     if check != "ok":

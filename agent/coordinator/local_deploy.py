@@ -4,7 +4,6 @@ model and takes the pipeline from 'verified' on. Access to the control socket au
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from agent.coordinator.scheduler import CandidateScheduler
 from agent.coordinator.store import ModelRecord, Store
 from agent.delivery.onnx_check import inspect_onnx
 from agent.errors import AgentError, RejectedModel
+from agent.proc import durable
 from agent.system.control import DeployFile
 
 SKIPPABLE = ("sim",)  # checks `agent deploy --skip-check` may force a model past
@@ -38,7 +38,8 @@ class LocalDeploy:
             raise
         sha = sha256_file(part).hexdigest()
         dest = self.store.model_path(sha)
-        os.replace(part, dest)
+        durable.fsync_file(part)
+        durable.replace(part, dest)
         manifest = Manifest(
             version=version or f"local-{sha[:12]}",
             sha256=sha,

@@ -20,6 +20,7 @@ from typing import Any
 from agent.contract.protocol import Manifest
 from agent.contract.sqltx import Transactions
 from agent.coordinator.lifecycle import ModelState, check_transition
+from agent.proc import durable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -86,7 +87,7 @@ class Store:
             self.transaction = Transactions(self.db)
             return
         for d in (self.models_dir, self.engines_dir, self.golden_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            durable.makedirs(d)
         self.db = sqlite3.connect(state_dir / "agent.db", check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")

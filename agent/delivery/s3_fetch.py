@@ -22,6 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from agent.contract.digest import sha256_file
 from agent.contract.protocol import ObjectRef
 from agent.errors import FetchError
+from agent.proc import durable
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +152,8 @@ def _finish(part: Path, etag_file: Path, want: Wanted, digest: str) -> None:
         part.unlink(missing_ok=True)
         etag_file.unlink(missing_ok=True)
         raise FetchError(f"sha256 mismatch: the manifest says {sha256[:12]}…, the bytes hash to {digest[:12]}…")
-    os.replace(part, dest)
+    durable.replace(part, dest)
     etag_file.unlink(missing_ok=True)
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_precondition_failed(err: Exception) -> bool:

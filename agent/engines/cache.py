@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.contract.digest import sha256_file
+from agent.proc import durable
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,7 @@ def describe(engine_path: Path, key: str, *, backend: str, version: str, builder
 
 
 def write_sidecar(engine_path: Path, meta: EngineMeta) -> None:
-    path = sidecar_path(engine_path)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(meta.to_json(), indent=1))
-    os.replace(tmp, path)
+    durable.write_text(sidecar_path(engine_path), json.dumps(meta.to_json(), indent=1))
 
 
 def read_sidecar(engine_path: Path) -> EngineMeta | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from agent.config import ShareConfig
 from agent.contract.digest import sha256_file
 from agent.engines.cache import EngineMeta, write_sidecar
 from agent.errors import ShareError
+from agent.proc import durable
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ class EngineShare:
         if digest != meta.sha256 or part.stat().st_size != meta.size:
             part.unlink(missing_ok=True)
             return f"{meta.builder}'s engine hashes to {digest[:12]}…, its record says {meta.sha256[:12]}…"
-        os.replace(part, dest)
+        durable.fsync_file(part)
+        durable.replace(part, dest)
         write_sidecar(dest, meta)
         return None
 

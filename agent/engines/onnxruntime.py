@@ -3,7 +3,6 @@ build stage, the cache and the swap run the same way here as with TensorRT."""
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from agent.contract.protocol import TensorSpec
 from agent.engines import BuildProgress, no_progress
 from agent.engines.board import read_board
 from agent.errors import BackendUnavailable, BuildFailed
+from agent.proc import durable
 
 try:
     import onnxruntime as ort
@@ -109,9 +109,8 @@ class OnnxRuntimeBackend:
         finally:
             tmp.with_name(tmp.name + ".fp16.onnx").unlink(missing_ok=True)
         progress("saving", None)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, engine_path)
+        durable.fsync_file(tmp)
+        durable.replace(tmp, engine_path)
 
     def load(self, engine_path: Path) -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(engine_path, self.threads)

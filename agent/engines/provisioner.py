@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -19,6 +18,7 @@ from agent.engines import Backend, cache, engine_key
 from agent.engines.build import BuildConfig, BuildInfo, run_build
 from agent.engines.fleet_share import EngineShare
 from agent.errors import Cancelled, ShareError
+from agent.proc import durable
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +235,8 @@ class RefusedShares:
         keys = self._load() | {key}
         self._keys = keys
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
-            tmp.write_text(json.dumps(sorted(keys)))
-            os.replace(tmp, self.path)
+            durable.makedirs(self.path.parent)
+            durable.write_text(self.path, json.dumps(sorted(keys)))
         except OSError as err:  # still refused for this run
             log.warning("could not record the refused shared engine %s: %s", key, err)
 

@@ -36,6 +36,7 @@ from agent.contract.protocol import TensorSpec
 from agent.engines import BuildProgress, no_progress
 from agent.engines.board import read_board
 from agent.errors import BackendUnavailable, BuildFailed, EngineLoadFailed
+from agent.proc import durable
 
 try:
     import tensorrt as trt
@@ -451,6 +452,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        durable.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
