@@ -156,17 +156,24 @@ def format_status(s: dict[str, Any]) -> str:
     if s["last_rollback"]:
         b = s["last_rollback"]
         lines.append(f"  rolled back {b['version']} at {_when(b['at'])}: {b['reason']}")
-    lines.append(
-        f"  latency   p50 {lat['p50_us']} µs, p99 {lat['p99_us']} µs over {lat['count']} calls in the last minute"
-    )
-    lines.append(f"  clients   {s['clients']} connected; {s['requests']} requests served, {s['request_errors']} errors")
+    return "\n".join(lines + _service_lines(s, lat))
+
+
+def _service_lines(s: dict[str, Any], lat: dict[str, int]) -> list[str]:
+    """Serving, the outbox and the disk."""
+    lines = [
+        f"  latency   p50 {lat['p50_us']} µs, p99 {lat['p99_us']} µs over {lat['count']} calls in the last minute",
+        f"  clients   {s['clients']} connected; {s['requests']} requests served, {s['request_errors']} errors",
+    ]
     if s.get("serving"):
         v = s["serving"]
         cpus = ",".join(str(c) for c in v["cpus"])
         lines.append(f"  serving   process {v['pid']}, {v['scheduling']}, CPUs {cpus}")
     if s["outbox"]:
         lines.append(f"  outbox    {s['outbox']} events waiting for the broker")
-    return "\n".join(lines)
+    if s["disk"]["problem"]:
+        lines.append(f"  disk      {s['disk']['free_mb']} MiB free: {s['disk']['problem']}")
+    return lines
 
 
 def cmd_models(cfg: AgentConfig, args: argparse.Namespace) -> int:

@@ -85,6 +85,11 @@ class PublishError(AgentError):
     """`fleet publish` could not check, upload or announce a model."""
 
 
+class DiskFull(AgentError):
+    """The state dir's filesystem is full (or below disk_reserve_mb). Not the model's fault: the
+    candidate waits, its partial files removed, and is tried again once space returns."""
+
+
 class RejectedModel(AgentError):
     """A candidate model failed a pipeline stage; the message is the reason users see, and
     `figures` (e.g. every gate check's result) are recorded with the rejection."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,18 @@ def test_a_transition_and_its_event_are_one_commit(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.IntegrityError, match="boom"):
         reporter.transition(rec, ModelState.DOWNLOADING, "s3://...")
     assert store.get(rec.id).state is ModelState.ANNOUNCED and store.outbox_size() == 1
+
+
+def test_events_a_full_disk_refuses_wait_in_memory_and_keep_their_order(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    reporter = _reporter(tmp_path, store)
+    store.db.execute(
+        "CREATE TRIGGER full BEFORE INSERT ON outbox BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+    reporter.emit("first", n=1)
+    reporter.emit("second", n=2)
+    assert len(reporter.unsaved) == 2 and store.outbox_size() == 0
+    store.db.execute("DROP TRIGGER full")
+    reporter.emit("third", n=3)
+    kinds = [json.loads(p)["kind"] for _, _, p in store.outbox_peek(10, set())]
+    assert kinds == ["first", "second", "third"] and not reporter.unsaved

@@ -21,7 +21,7 @@ from agent.coordinator.reporter import Reporter
 from agent.coordinator.store import ModelRecord, Store
 from agent.engines import Backend, engine_key, key_precision
 from agent.errors import AgentError, HandOverRefused, ServingFailed
-from agent.proc import crashpoints
+from agent.proc import crashpoints, durable
 from agent.serving.server import InferenceServer, ServedModel, SwapStats
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,12 @@ class Activation:
         changes = [(rec, ModelState.ACTIVE, reason)]
         if previous_rec is not None and previous_id is not None:
             changes.append((previous_rec, ModelState.RETIRED, f"replaced by {rec.version}"))
-        self.transitions(*changes, mark=(WATCH_MARK, {"record_id": rec.id, "previous_id": previous_id}))
+        try:
+            self.transitions(*changes, mark=(WATCH_MARK, {"record_id": rec.id, "previous_id": previous_id}))
+        except Exception:  # not recorded (a full disk): what serves must stay what the history says
+            if previous is not None:
+                self.server.swap(previous)
+            raise
         self.watch = Watch(rec.id, rec.version, previous_id, previous, time.monotonic(), baseline)
 
     def resume_watch(self) -> None:
@@ -276,9 +281,13 @@ class Activation:
         w, self.watch = self.watch, None
         if w is None:
             return
-        self.store.set_mark(WATCH_MARK, None)
         if w.previous is not None:
             self.server.release(w.previous)
+        try:
+            self.store.set_mark(WATCH_MARK, None)
+        except Exception as err:  # a full disk: a restart would watch this model again, no harm
+            if not durable.no_space(err):
+                raise
         if why:
             log.info("watch of %s ended: %s", w.version, why)
 

@@ -9,6 +9,7 @@ import fcntl
 import logging
 import os
 import queue
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,7 +34,7 @@ from agent.engines import Backend, select_backend
 from agent.engines.fleet_share import EngineShare
 from agent.engines.provisioner import Provisioner
 from agent.errors import AgentError
-from agent.proc import crashpoints
+from agent.proc import crashpoints, durable
 from agent.proc.child import protect_daemon
 from agent.proc.crashpoints import CRASH_ENV
 from agent.proc.sched import choose_background, pin_process
@@ -47,12 +48,15 @@ from agent.system.service import Service, StopRequested
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5
+DEFERRED_RETRY_S = 5.0  # announcements a full disk kept from being recorded are tried again this often
 
 
 class Daemon:
     def __init__(self, cfg: AgentConfig, backend: Backend | None = None, config_file: Path | None = None) -> None:
         self.cfg = cfg
         self.events: queue.Queue[Event] = queue.Queue()
+        self._deferred: list[Event] = []  # messages a full disk kept from being recorded
+        self._next_deferred = 0.0
         self.life = Life()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(cfg.state_dir / "agent.lock")
@@ -173,7 +177,12 @@ class Daemon:
                 self._dispatch(signalled)
             self._dispatch(event)
             self._periodic()
-        except Exception:  # a bug in one event must not take serving down with it
+        except Exception as err:  # a bug in one event must not take serving down with it
+            if durable.no_space(err) and isinstance(event, MessageArrived):
+                self._deferred.append(event)  # an announcement not recorded: again once there is space
+                self.life.disk_problem = f"{len(self._deferred)} announcements wait to be recorded: {err}"
+                log.error("the state dir is full (%s): an announcement waits until it can be recorded", err)
+                return
             log.exception("coordinator failed on %s", type(event).__name__)
 
     def _shutdown(self) -> None:
@@ -190,6 +199,13 @@ class Daemon:
         os.close(self._lock_fd)
 
     def _periodic(self) -> None:
+        if self._deferred and time.monotonic() >= self._next_deferred:
+            self._next_deferred = time.monotonic() + DEFERRED_RETRY_S
+            self.life.disk_problem = None  # set again if they fail again
+            for event in self._deferred:
+                self.events.put(event)
+            self._deferred = []
+        self.scheduler.start_next()  # a candidate that waited for disk space, when due
         self.server.drain()
         self.activation.tick()
         self.service.tick()
@@ -239,8 +255,15 @@ class Daemon:
 
     def _pipeline_done(self, done: PipelineDone) -> None:
         passed = self.scheduler.finished(done)
-        if passed is not None:
-            self.activation.staged(*passed)
+        try:
+            if passed is not None:
+                self.activation.staged(*passed)
+        except Exception as err:
+            if not durable.no_space(err):
+                raise
+            if passed is not None:
+                self.server.release(passed[1])  # unless it serves: nothing to swap back to
+            self.scheduler.wait_for_space(done.cand, f"the state dir is full: {err}")
         self.scheduler.start_next()  # after activation: its gate compares it with the model active now
 
     # -- what the service asks of the daemon (agent.system.service.ServiceHost) -------------------

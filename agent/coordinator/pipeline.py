@@ -108,6 +108,18 @@ class Pipeline:
         """Called from the coordinator: a build in progress for `record_id` stops."""
         self._superseded[record_id] = newer
 
+    def free_partial(self, sha256: str) -> int:
+        """After a full disk: the candidate's partial downloads and every engine being written
+        (one candidate is at work at a time) go; a download then starts over."""
+        parts = [
+            *self.store.models_dir.glob(f"{sha256}.onnx.part*"),
+            *self.store.golden_dir.glob(f"{sha256}.npz.part*"),
+            *self.store.engines_dir.glob("*.part"),
+        ]
+        for p in parts:
+            p.unlink(missing_ok=True)
+        return len(parts)
+
     def prepare(self, cand: Candidate, gate: GateContext) -> ServedModel:
         """Download, verify, then an engine per precision the backend tries (FP16 first where the
         hardware has it) until one passes the gate; a later precision is tried only when the

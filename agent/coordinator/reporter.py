@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from agent.config import AgentConfig
@@ -14,7 +15,7 @@ from agent.contract.protocol import Manifest, Topics, encode, new_event, now
 from agent.coordinator.lifecycle import ModelState
 from agent.coordinator.store import ModelRecord, Store
 from agent.delivery.mqtt_link import Link
-from agent.proc import crashpoints
+from agent.proc import crashpoints, durable
 from agent.serving.server import InferenceServer
 from agent.serving.telemetry import LatencyRecorder
 
@@ -46,6 +47,7 @@ class Reporter:
         self.topics = Topics(cfg.mqtt.topic_prefix)
         self.inflight: dict[int, int] = {}  # MQTT message id -> outbox row
         self.status_changed = True  # the retained status is published on the coordinator's next turn
+        self.unsaved: deque[bytes] = deque(maxlen=cfg.outbox_max_events)  # events a full disk refused
         self._next_telemetry = time.monotonic() + cfg.telemetry.interval_s
 
     # -- model records ------------------------------------------------------------------------------
@@ -132,14 +134,26 @@ class Reporter:
 
     # -- events through the outbox ------------------------------------------------------------------
     def emit(self, kind: str, **fields: Any) -> None:
-        self._queue(kind, **fields)
+        """An event through the outbox; while the state dir is full it waits in memory (bounded
+        like the outbox) and goes into the outbox, in order, once a write succeeds again."""
+        payload = encode(new_event(self.cfg.device_id, kind, **fields))
+        self.unsaved.append(payload)
+        try:
+            while self.unsaved:
+                self._put(self.unsaved[0])
+                self.unsaved.popleft()
+        except Exception as err:
+            if not durable.no_space(err):
+                raise
+            log.error("%d events held in memory: the state dir is full (%s)", len(self.unsaved), err)
         self.drain_outbox()
 
     def _queue(self, kind: str, **fields: Any) -> None:
-        event = new_event(self.cfg.device_id, kind, **fields)
-        dropped = self.store.outbox_put(
-            self.topics.events(self.cfg.device_id), encode(event), self.cfg.outbox_max_events
-        )
+        self._put(encode(new_event(self.cfg.device_id, kind, **fields)))
+
+    def _put(self, payload: bytes) -> None:
+        topic = self.topics.events(self.cfg.device_id)
+        dropped = self.store.outbox_put(topic, payload, self.cfg.outbox_max_events)
         if dropped:
             log.warning("outbox full: dropped the %d oldest events", dropped)
 

@@ -5,6 +5,7 @@ work. Everything here but `_work` runs on the coordinator thread."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,10 +24,13 @@ from agent.coordinator.pipeline import (
 )
 from agent.coordinator.reporter import Reporter
 from agent.coordinator.store import ModelRecord, Store
-from agent.errors import Cancelled, RejectedModel
+from agent.errors import Cancelled, DiskFull, RejectedModel
+from agent.proc import durable
 from agent.serving.server import InferenceServer, ServedModel
 
 log = logging.getLogger(__name__)
+
+SPACE_RETRY_S = 10.0  # a candidate short of disk space is tried again this often
 
 
 class Pending(TypedDict):
@@ -50,6 +54,7 @@ class PipelineDone:
     error: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
     cancelled: bool = False  # stopped on purpose (superseded, the agent stopping): `error` says why
+    no_space: bool = False  # the state dir's filesystem was full: it waits for space, not rejected
 
 
 class CandidateScheduler:
@@ -76,8 +81,14 @@ class CandidateScheduler:
         self.waiting: list[Candidate] = []
         self.progress: dict[int, tuple[int, int]] = {}  # record id -> (bytes downloaded, total)
         self.build_progress: dict[int, dict[str, Any]] = {}  # record id -> the running build's info
+        self.short_of_space: tuple[Candidate, str, float] | None = None  # (candidate, why, next try)
+        self.unrecorded: dict[int, str] = {}  # record id -> why a stage of it could not be recorded
 
     def schedule(self, cand: Candidate) -> None:
+        if self.short_of_space is not None:  # the newer one supersedes the one waiting for space
+            old, self.short_of_space = self.short_of_space[0], None
+            newer = cand.manifest.version
+            self.reporter.transition(self.store.get(old.record_id), ModelState.REJECTED, f"superseded by {newer}")
         if self.working is None:
             self._start(cand)
         else:
@@ -110,6 +121,8 @@ class CandidateScheduler:
             self.post(PipelineDone(cand, self.pipeline.prepare(cand, gate)))
         except Cancelled as err:
             self.post(PipelineDone(cand, None, str(err), cancelled=True))
+        except DiskFull as err:
+            self.post(PipelineDone(cand, None, str(err), no_space=True))
         except RejectedModel as err:
             self.post(PipelineDone(cand, None, str(err), err.figures))
         except Exception as err:
@@ -120,9 +133,16 @@ class CandidateScheduler:
     def stage_reached(self, event: StageReached) -> None:
         rec = self.store.get(event.record_id)
         figures = dict(event.figures)
-        if "engine_key" in figures:
-            self.store.set_engine_key(rec, figures.pop("engine_key"))
-        self.reporter.transition(rec, event.state, event.reason, **figures)
+        try:
+            if "engine_key" in figures:
+                self.store.set_engine_key(rec, figures.pop("engine_key"))
+            self.reporter.transition(rec, event.state, event.reason, **figures)
+        except Exception as err:
+            if not durable.no_space(err):
+                raise
+            # Its history would miss a stage: whatever the pipeline ends with, it goes again later.
+            log.error("%s: %s not recorded, the state dir is full: %s", rec.version, event.state.value, err)
+            self.unrecorded[rec.id] = f"the state dir is full: {err}"
 
     def downloaded(self, event: DownloadProgress) -> None:
         self.progress[event.record_id] = (event.done, event.total)
@@ -141,6 +161,12 @@ class CandidateScheduler:
         self.working = None
         self.progress.pop(done.cand.record_id, None)
         self.build_progress.pop(done.cand.record_id, None)
+        unrecorded = self.unrecorded.pop(done.cand.record_id, None)
+        if done.no_space or unrecorded:
+            if done.served is not None:
+                self.server.release(done.served)
+            self.wait_for_space(done.cand, done.error or unrecorded or "")
+            return None
         rec = self.store.get(done.cand.record_id)
         if done.served is not None:
             return rec, done.served
@@ -149,7 +175,22 @@ class CandidateScheduler:
             self.reporter.transition(rec, ModelState.REJECTED, reason, **done.figures)
         return None
 
+    def wait_for_space(self, cand: Candidate, why: str) -> None:
+        """Not the model's fault: its partial files go, and it is tried again every SPACE_RETRY_S."""
+        freed = self.pipeline.free_partial(cand.manifest.sha256)
+        self.short_of_space = (cand, why, time.monotonic() + SPACE_RETRY_S)
+        log.warning("%s waits for disk space (%s; %d partial files removed)", cand.manifest.version, why, freed)
+        self.reporter.emit("disk_full", model_id=cand.record_id, version=cand.manifest.version, reason=why)
+
     def start_next(self) -> None:
+        """The newest waiting candidate, else the one short of space when its next try is due."""
+        if self.working is None and not self.waiting and self.short_of_space is not None:
+            cand, _why, due = self.short_of_space
+            if time.monotonic() >= due:
+                self.short_of_space = None
+                log.info("trying %s again (it waited for disk space)", cand.manifest.version)
+                self._start(cand)
+            return
         if self.working is not None or not self.waiting:
             return
         newest, older = self.waiting[-1], self.waiting[:-1]
@@ -162,14 +203,19 @@ class CandidateScheduler:
 
     # -- for `agent status` ---------------------------------------------------------------------------
     def pending(self) -> Pending | None:
-        if self.working is None:
+        cand = self.working or (self.short_of_space[0] if self.short_of_space else None)
+        if cand is None:
             return None
-        rec = self.store.get(self.working.record_id)
+        rec = self.store.get(cand.record_id)
         done, total = self.progress.get(rec.id, (0, rec.manifest.size))
+        reason = rec.reason
+        if self.working is None and self.short_of_space is not None:
+            left = max(0.0, self.short_of_space[2] - time.monotonic())
+            reason = f"waiting for disk space, next try in {left:.0f} s: {self.short_of_space[1]}"
         return {
             "version": rec.version,
             "stage": rec.state.value,
-            "reason": rec.reason,
+            "reason": reason,
             "downloaded_bytes": done,
             "total_bytes": total,
             "queued": len(self.waiting),

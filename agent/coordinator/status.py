@@ -5,6 +5,7 @@ from the parts that hold each piece (nothing here changes state). `Status` is th
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -37,6 +38,11 @@ class Active(TypedDict):
     precision_note: str | None  # why not the first precision (an FP16 engine that missed its golden outputs)
     activated_at: float | None
     source: str
+
+
+class Disk(TypedDict):
+    free_mb: int  # on the state dir's filesystem
+    problem: str | None  # what waits for space, and why
 
 
 class Outcome(TypedDict):
@@ -74,6 +80,7 @@ class Status(TypedDict):
     ignored_payloads: int
     last_ignored_payload: str | None
     outbox: int
+    disk: Disk
 
 
 MQTT_STATUS_KEYS = (
@@ -95,6 +102,7 @@ class Life:
 
     started_at: float = field(default_factory=time.time)
     stopping: bool = False
+    disk_problem: str | None = None  # messages a full disk kept from being recorded
 
 
 class StatusBuilder:
@@ -156,7 +164,15 @@ class StatusBuilder:
             "ignored_payloads": self.announcements.ignored_payloads,
             "last_ignored_payload": self.announcements.last_ignored or None,
             "outbox": self.store.outbox_size(),
+            "disk": self._disk(),
         }
+
+    def _disk(self) -> Disk:
+        problem = self.life.disk_problem
+        waiting = self.scheduler.short_of_space
+        if waiting is not None:
+            problem = f"{waiting[0].manifest.version} waits for disk space: {waiting[1]}"
+        return {"free_mb": shutil.disk_usage(self.cfg.state_dir).free >> 20, "problem": problem}
 
     def as_dict(self) -> dict[str, Any]:
         """The status as a plain JSON object (what the control socket and STATUS= take)."""

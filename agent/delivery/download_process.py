@@ -13,7 +13,8 @@ from multiprocessing.connection import Connection
 
 from agent.config import S3Config
 from agent.delivery.s3_fetch import Wanted
-from agent.errors import Cancelled, FetchError
+from agent.errors import Cancelled, DiskFull, FetchError
+from agent.proc import durable
 from agent.proc.child import die_with_parent, exit_reason
 from agent.proc.sched import start_in_background
 
@@ -32,6 +33,7 @@ class Received:
 @dataclass(frozen=True)
 class Refused:
     reason: str
+    no_space: bool = False  # the disk, not the model: the candidate waits for space
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def _follow(
             case Received():
                 progress(msg.done, msg.total)
             case Refused():
-                raise FetchError(msg.reason)
+                raise DiskFull(msg.reason) if msg.no_space else FetchError(msg.reason)
             case Complete():
                 return
     raise Cancelled("the agent is stopping")
@@ -109,6 +111,8 @@ def _child(s3: S3Config, want: Wanted, reserve_bytes: int, conn: Connection, log
         conn.send(Complete())
     except FetchError as err:
         conn.send(Refused(err.reason))
+    except DiskFull as err:
+        conn.send(Refused(str(err), no_space=True))
     except Exception as err:  # anything else still comes back as a reason
-        conn.send(Refused(f"{type(err).__name__}: {err}"))
+        conn.send(Refused(f"{type(err).__name__}: {err}", no_space=durable.no_space(err)))
     conn.close()

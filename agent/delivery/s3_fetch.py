@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.contract.digest import sha256_file
 from agent.contract.protocol import ObjectRef
-from agent.errors import FetchError
+from agent.errors import DiskFull, FetchError
 from agent.proc import durable
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ def fetch(s3: Any, want: Wanted, *, reserve_bytes: int, progress: Progress, max_
             _stream(s3, want, part, etag, hasher=hasher, progress=progress, max_mbps=max_mbps)
             break
         except (BotoCoreError, ClientError, OSError) as err:
+            if durable.no_space(err):
+                part.unlink(missing_ok=True)  # frees what it took; the next try starts over
+                etag_file.unlink(missing_ok=True)
+                raise DiskFull(f"no space left for s3://{ref.bucket}/{ref.key} in {dest.parent}: {err}") from err
             if _is_precondition_failed(err):
                 log.info("%s changed since the .part was started: downloading from 0", ref.key)
                 part.unlink(missing_ok=True)
@@ -90,10 +94,16 @@ def _head(s3: Any, ref: ObjectRef, size: int) -> str:
 
 
 def _check_disk(folder: Path, needed: int, reserve: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free - needed < reserve:
+    """DiskFull when the bytes do not fit now (they may later); FetchError when they never can."""
+    usage = shutil.disk_usage(folder)
+    if needed + reserve > usage.total:
         raise FetchError(
-            f"not enough disk: {needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free, "
+            f"not enough disk: {needed / 2**20:.1f} MiB needed and {reserve / 2**20:.0f} MiB must stay free "
+            f"(disk_reserve_mb), the filesystem of {folder} holds {usage.total / 2**20:.0f} MiB"
+        )
+    if usage.free - needed < reserve:
+        raise DiskFull(
+            f"not enough disk in {folder} now: {needed / 2**20:.1f} MiB needed, {usage.free / 2**20:.1f} MiB free, "
             f"{reserve / 2**20:.0f} MiB must stay free (disk_reserve_mb)"
         )
 

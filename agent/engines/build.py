@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from typing import Any
 
 from agent.config import BuildConfig
 from agent.engines import Backend
-from agent.errors import BuildFailed, Cancelled
+from agent.errors import BuildFailed, Cancelled, DiskFull
+from agent.proc import durable
 from agent.proc.child import available_mb, die_with_parent, exit_reason
 from agent.proc.sched import start_in_background
 
@@ -52,6 +54,7 @@ class Stage:
 @dataclass(frozen=True)
 class Failure:
     reason: str
+    no_space: bool = False  # the engine did not fit on the disk
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class BuildInfo:
     fraction: float | None
     started: float
     child_mark: str = ""  # the child's INHERITED_MARK: "fresh" unless it inherited our memory
+    no_space: bool = False  # the child failed for want of disk space
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,8 +124,20 @@ def run_build(
         error = "the build child exited without writing the engine"
     if error is not None:
         engine_path.unlink(missing_ok=True)
+        if info.no_space or _short_of_space(engine_path.parent, onnx_path):
+            raise DiskFull(f"no space left for the engine in {engine_path.parent}: {error}")
         raise BuildFailed(error)
     return time.monotonic() - started
+
+
+def _short_of_space(folder: Path, onnx_path: Path) -> bool:
+    """A failed build with less room left than the model takes is put down to the disk: ONNX
+    Runtime reports ENOSPC as "Protobuf serialization failed", and an engine is about its model's
+    size (or more) with either backend."""
+    try:
+        return shutil.disk_usage(folder).free < onnx_path.stat().st_size
+    except OSError:
+        return False
 
 
 def _remove_parts(engine_path: Path) -> None:
@@ -190,7 +206,7 @@ def _handle(
             info.stage, info.fraction = msg.name, msg.fraction
             on_progress(info)
         case Failure():
-            error = msg.reason
+            error, info.no_space = msg.reason, msg.no_space
         case Done():
             done = True
     return error, done
@@ -220,7 +236,7 @@ def _child(backend: Backend, onnx_path: str, engine_path: str, precision: str, c
     try:
         backend.build(Path(onnx_path), Path(engine_path), precision, progress)
     except BaseException as err:  # everything goes back as the reason, then a non-zero exit
-        conn.send(Failure(str(err) or type(err).__name__))
+        conn.send(Failure(str(err) or type(err).__name__, no_space=durable.no_space(err)))
         conn.close()
         os._exit(1)
     conn.send(Done())

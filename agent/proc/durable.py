@@ -5,8 +5,20 @@ brought (tests/test_power_cut.py found an active model whose engine was gone tha
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+NO_SPACE_TEXT = ("no space left on device", "database or disk is full", "disk quota exceeded")
+
+
+def no_space(err: BaseException) -> bool:
+    """An error that means a full filesystem: ENOSPC/EDQUOT, SQLite's "disk is full", or a
+    library's message that carries the same (ONNX Runtime, TensorRT)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err).lower()
+    return any(t in text for t in NO_SPACE_TEXT)
 
 
 def fsync_dir(folder: Path) -> None:
