@@ -291,7 +291,9 @@ def test_command_lines_are_checked() -> None:
 
 def test_readme_stays_short_and_links_every_page() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert len(readme.encode()) < 12 * 1024
+    # The two commands, the students' commands, the Jetson check, the Go2, what survives what; the rest
+    # is in docs/ (it was 45 KB once).
+    assert len(readme.encode()) < 14 * 1024
     for page in sorted((ROOT / "docs").glob("*.md")):
         assert f"(docs/{page.name})" in readme, f"README does not link docs/{page.name}"
 

