@@ -27,7 +27,7 @@ from agent.proc import durable
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
-ATTEMPTS = 5
+ATTEMPTS = 5  # tries in a row that bring no new byte (a flaky link that makes progress goes on)
 Progress = Callable[[int, int], None]
 
 
@@ -56,7 +56,11 @@ def fetch(s3: Any, want: Wanted, *, reserve_bytes: int, progress: Progress, max_
     elif part.exists():
         log.info("resuming s3://%s/%s from byte %d of %d", ref.bucket, ref.key, part.stat().st_size, size)
     hasher = hashlib.sha256()
-    for attempt in range(1, ATTEMPTS + 1):
+    attempt, had = 0, -1
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        attempt = 1 if have > had else attempt + 1  # only tries that brought nothing count
+        had = have
         try:
             hasher = sha256_file(part) if part.exists() else hashlib.sha256()  # what is already there
             _stream(s3, want, part, etag, hasher=hasher, progress=progress, max_mbps=max_mbps)
@@ -71,7 +75,7 @@ def fetch(s3: Any, want: Wanted, *, reserve_bytes: int, progress: Progress, max_
                 part.unlink(missing_ok=True)
                 etag = _head(s3, ref, size)
                 etag_file.write_text(etag)
-            elif attempt == ATTEMPTS:
+            elif attempt >= ATTEMPTS:
                 raise FetchError(f"s3://{ref.bucket}/{ref.key}: {err}") from err
             log.warning("download of %s interrupted (%s); retry %d/%d", ref.key, err, attempt, ATTEMPTS)
             time.sleep(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5))
