@@ -82,33 +82,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
-    from cloud.publish import publish
+    from cloud.api import Fleet
 
-    extra = {
-        k: v
-        for k, v in (
-            ("latency_budget_us", args.latency_budget_us),
-            ("golden_atol", args.golden_atol),
-            ("golden_rtol", args.golden_rtol),
-        )
-        if v is not None
-    }
-    if args.deploy_config is not None:
-        from cloud.publish import deploy_config_extra
-
-        extra.update(deploy_config_extra(args.deploy_config, args.model))
-        if "lin_vel" in extra["deploy_config"].get("observations", []):
-            from agent.go2.simgate import LIN_VEL_NOTE
-
-            print(f"fleet: note: this policy needs {LIN_VEL_NOTE}", file=sys.stderr)
-    ann = publish(
-        cfg,
+    ann = Fleet(cfg).publish(
         args.model,
         channel=args.channel,
         version=args.model_version,
         golden=args.golden,
-        extra=extra,
+        deploy_config=args.deploy_config,
+        latency_budget_us=args.latency_budget_us,
+        golden_atol=args.golden_atol,
+        golden_rtol=args.golden_rtol,
         sign_key=args.sign_key,
+        note=lambda text: print(f"fleet: note: {text}", file=sys.stderr),
     )
     _print_announcement(ann)
     return 0
