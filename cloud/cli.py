@@ -14,6 +14,7 @@ from agent.contract import cli_errors
 from agent.contract.cli_options import Parser, accept_everywhere, global_options, name_arg, positive_int, tolerance
 from agent.errors import AgentError
 from cloud.config import FleetConfig, config_path, load
+from cloud.duration import parse_duration
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,41 +62,54 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=200)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_events)
+    c = sub.add_parser("latency", help="latency per version and device, from the merged histograms")
+    c.add_argument("--channel", type=name_arg("--channel"))
+    c.add_argument("--version", dest="model_version", type=name_arg("--version"))
+    c.add_argument("--device", type=name_arg("--device"))
+    _since(c)
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--plot", type=Path, metavar="FILE", help="p50/p99 over time per version, to .png or .svg")
+    c.set_defaults(func=cmd_latency)
+    c = sub.add_parser("compare", help="two versions side by side on the devices that ran both")
+    c.add_argument("old", metavar="V1", type=name_arg("V1"))
+    c.add_argument("new", metavar="V2", type=name_arg("V2"))
+    c.add_argument("--channel", type=name_arg("--channel"))
+    _since(c)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compare)
     accept_everywhere(p, global_options("TOML config (default: $FLEET_CONFIG, then ./fleet.toml)"))
     return p
 
 
 def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
-    from cloud.publish import publish
+    from cloud.api import Fleet
 
-    extra = {
-        k: v
-        for k, v in (
-            ("latency_budget_us", args.latency_budget_us),
-            ("golden_atol", args.golden_atol),
-            ("golden_rtol", args.golden_rtol),
-        )
-        if v is not None
-    }
-    if args.deploy_config is not None:
-        from cloud.publish import deploy_config_extra
-
-        extra.update(deploy_config_extra(args.deploy_config, args.model))
-        if "lin_vel" in extra["deploy_config"].get("observations", []):
-            from agent.go2.simgate import LIN_VEL_NOTE
-
-            print(f"fleet: note: this policy needs {LIN_VEL_NOTE}", file=sys.stderr)
-    ann = publish(
-        cfg,
+    ann = Fleet(cfg).publish(
         args.model,
         channel=args.channel,
         version=args.model_version,
         golden=args.golden,
-        extra=extra,
+        deploy_config=args.deploy_config,
+        latency_budget_us=args.latency_budget_us,
+        golden_atol=args.golden_atol,
+        golden_rtol=args.golden_rtol,
         sign_key=args.sign_key,
+        note=lambda text: print(f"fleet: note: {text}", file=sys.stderr),
     )
     _print_announcement(ann)
     return 0
+
+
+def _since(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", type=duration, default=24 * 3600.0, metavar="DURATION", help="e.g. 90m, 24h, 7d")
+
+
+def duration(value: str) -> float:
+    """An argparse `type`: a duration (cloud.duration), in seconds."""
+    try:
+        return parse_duration(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cmd_rollback(cfg: FleetConfig, args: argparse.Namespace) -> int:
@@ -177,6 +191,66 @@ def cmd_events(cfg: FleetConfig, args: argparse.Namespace) -> int:
         what = f"{e.get('version', '')} {e.get('state') or e['kind']}".strip()
         print(f"{when} {e['device_id']:<16} {what:<24} {e.get('reason') or _details(e)}")
     return 0
+
+
+def cmd_latency(cfg: FleetConfig, args: argparse.Namespace) -> int:
+    from cloud import latency
+
+    since = time.time() - args.since
+    rows = _db(cfg).latency_rows(since=since, channel=args.channel, version=args.model_version, device_id=args.device)
+    if args.plot is not None:
+        from cloud.plot import bin_seconds, plot_latency
+
+        plot_latency(latency.series(rows, bin_seconds(args.since)), args.plot, _window_title(args.since))
+        print(f"wrote {args.plot}", file=sys.stderr)
+    groups = latency.by_version(rows)
+    if args.json:
+        print(json.dumps({"since": since, "versions": [g.to_json() for g in groups]}, indent=2))
+        return 0
+    print(f"{'CHANNEL':<12} {'VERSION':<14} {'DEVICE':<16} {_PERCENTILE_HEAD}")
+    for g in groups:
+        print(f"{g.channel or '-':<12} {g.version or '-':<14} {'(all)':<16} {_percentiles(g.fleet)}")
+        for device, p in sorted(g.devices.items()):
+            print(f"{'':<12} {'':<14} {device:<16} {_percentiles(p)}")
+    if not groups:
+        print(f"(no latency history since {time.strftime('%Y-%m-%d %H:%M', time.localtime(since))})")
+    return 0
+
+
+def cmd_compare(cfg: FleetConfig, args: argparse.Namespace) -> int:
+    from cloud import latency
+
+    rows = _db(cfg).latency_rows(since=time.time() - args.since, channel=args.channel)
+    result = latency.compare(rows, args.old, args.new)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    if not result.devices:
+        raise AgentError(f"no device ran both {args.old} and {args.new} in the window (--since, --channel)")
+    print(f"{'DEVICE':<16} {'VERSION':<14} {_PERCENTILE_HEAD}")
+    for device, (a, b) in [("(all)", result.fleet), *sorted(result.devices.items())]:
+        print(f"{device:<16} {args.old:<14} {_percentiles(a)}")
+        print(f"{'':<16} {args.new:<14} {_percentiles(b)}")
+        ratio = latency.ratios(a, b)
+        figures = " ".join(f"{_ratio(ratio[k]):>{w}}" for k, w in _RATIO_COLUMNS)
+        print(f"{'':<16} {'ratio':<14} {'':>9} {figures}")
+    return 0
+
+
+_PERCENTILE_HEAD = f"{'CALLS':>9} {'P50 µs':>8} {'P90 µs':>8} {'P99 µs':>8} {'P99.9 µs':>9} {'MAX µs':>8}"
+_RATIO_COLUMNS = (("p50_us", 8), ("p90_us", 8), ("p99_us", 8), ("p999_us", 9), ("max_us", 8))
+
+
+def _percentiles(p: Any) -> str:
+    return f"{p.calls:>9} {p.p50_us:>8} {p.p90_us:>8} {p.p99_us:>8} {p.p999_us:>9} {p.max_us:>8}"
+
+
+def _ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _window_title(since_s: float) -> str:
+    return f"fleet latency, last {since_s / 3600:g} h to {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
 
 
 _HEADER = {"protocol", "type", "id", "device_id", "kind", "ts", "received", "version", "state", "model_id"}

@@ -6,15 +6,18 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from agent.contract.mqtt_client import client_for, host_port, session_properties
-from agent.contract.protocol import Topics, decode
+from agent.contract.protocol import Topics, decode, telemetry_histograms
 from agent.errors import ProtocolError
 from cloud.config import FleetConfig
 from cloud.fleetdb import FleetDB
+from cloud.latency import decode as decode_histogram
+from cloud.retention import prune
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,7 @@ class Collector:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_prefix)
         self.db = FleetDB(cfg.collector.db)
+        self.lock = threading.Lock()  # one database connection: MQTT's thread stores, the main one prunes
         self.stop_event = threading.Event()
         m = cfg.mqtt
         self.client = client_for(m.client_id, m)
@@ -44,7 +48,9 @@ class Collector:
         )
         self.client.loop_start()
         log.info("collecting from %s into %s", self.cfg.mqtt.url, self.cfg.collector.db)
-        self.stop_event.wait()
+        self.prune()
+        while not self.stop_event.wait(self.cfg.collector.prune_every_s):
+            self.prune()
         self.client.disconnect()
         self.client.loop_stop()
         self.db.close()
@@ -66,9 +72,23 @@ class Collector:
 
     def store(self, topic: str, payload: bytes) -> None:
         device_id, kind = self.topics.parse_device_topic(topic)
-        if kind == "status":
-            self.db.put_status(device_id, decode(payload, "status"))
-        elif kind == "events":
-            self.db.put_event(device_id, decode(payload, "event"))
-        else:
-            self.db.put_telemetry(device_id, decode(payload, "telemetry"))
+        with self.lock:
+            if kind == "status":
+                self.db.put_status(device_id, decode(payload, "status"))
+            elif kind == "events":
+                self.db.put_event(device_id, decode(payload, "event"))
+            else:
+                report = decode(payload, "telemetry")
+                histograms = telemetry_histograms(report)
+                for h in histograms:
+                    decode_histogram(h.hdr)  # a histogram no reader could merge is refused here
+                self.db.put_telemetry(device_id, report, histograms)
+
+    def prune(self) -> None:
+        c = self.cfg.collector
+        with self.lock:
+            done = prune(self.db, time.time(), c.raw_s, c.hourly_s)
+        if done.merged or done.hourly_deleted:
+            log.info(
+                "latency history: %d intervals merged into hours, %d hours deleted", done.merged, done.hourly_deleted
+            )

@@ -10,6 +10,7 @@ from agent.config import check_mqtt_url
 from agent.contract.protocol import DEFAULT_TOPIC_PREFIX
 from agent.contract.tomlconf import build, read_toml
 from agent.errors import ConfigError
+from cloud.duration import parse_duration
 
 DEFAULT_PATH = Path("fleet.toml")
 
@@ -45,6 +46,30 @@ class FleetS3:
 @dataclass
 class FleetCollector:
     db: Path = Path("fleet.db")
+    raw_retention: str = "7d"  # each telemetry interval's histogram, as it came
+    hourly_retention: str = "90d"  # then merged per device, version and hour
+    prune_every: str = "10m"  # how often the collector merges and prunes
+
+    def check(self) -> None:
+        for key in ("raw_retention", "hourly_retention", "prune_every"):
+            try:
+                parse_duration(getattr(self, key))
+            except ValueError as err:
+                raise ConfigError(f"collector.{key}: {err}") from None
+        if self.hourly_s < self.raw_s:
+            raise ConfigError("collector.hourly_retention: must not be shorter than collector.raw_retention")
+
+    @property
+    def raw_s(self) -> float:
+        return parse_duration(self.raw_retention)
+
+    @property
+    def hourly_s(self) -> float:
+        return parse_duration(self.hourly_retention)
+
+    @property
+    def prune_every_s(self) -> float:
+        return parse_duration(self.prune_every)
 
 
 @dataclass

@@ -1,13 +1,18 @@
-"""The collector's SQLite store: device status, lifecycle events, latency telemetry."""
+"""The collector's SQLite store: device status, lifecycle events, latency telemetry and its history.
+
+The latency history is plain SQL (portable types, no SQLite-only syntax): one row per telemetry
+interval and model version ('raw'), merged per hour once older than the raw retention ('hour')."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.contract.protocol import IntervalHistogram
 from agent.contract.sqltx import Transactions
 from agent.errors import ConfigError
 
@@ -21,7 +26,32 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_device ON events (device_id, ts);
 CREATE TABLE IF NOT EXISTS telemetry (
   id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, ts REAL NOT NULL, payload TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS telemetry_by_ts ON telemetry (ts);
+CREATE TABLE IF NOT EXISTS latency (
+  device_id TEXT NOT NULL, channel TEXT NOT NULL, version TEXT NOT NULL, resolution TEXT NOT NULL,
+  start_ts DOUBLE PRECISION NOT NULL, end_ts DOUBLE PRECISION NOT NULL, calls BIGINT NOT NULL,
+  hdr TEXT NOT NULL,
+  PRIMARY KEY (device_id, channel, version, resolution, start_ts));
+CREATE INDEX IF NOT EXISTS latency_by_end ON latency (end_ts);
 """
+
+RAW, HOUR = "raw", "hour"  # latency.resolution
+_LATENCY_COLUMNS = "device_id, channel, version, resolution, start_ts, end_ts, calls, hdr"
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """One histogram of the history: a telemetry interval's ('raw') or an hour's merge ('hour').
+    An unknown channel or version is ''."""
+
+    device_id: str
+    channel: str
+    version: str
+    resolution: str
+    start: float
+    end: float
+    calls: int
+    hdr: str  # HdrHistogram's compressed encoding, base64
 
 
 class FleetDB:
@@ -78,14 +108,64 @@ class FleetDB:
             )
         return cur.rowcount == 1
 
-    def put_telemetry(self, device_id: str, report: dict[str, Any]) -> None:
+    def put_telemetry(
+        self, device_id: str, report: dict[str, Any], histograms: list[IntervalHistogram] | None = None
+    ) -> None:
+        """The report's summary (the histograms live in the latency history only)."""
+        summary = json.dumps({k: v for k, v in report.items() if k != "histograms"})
         with self.transaction():
             self._touch(device_id)
             self.db.execute(
                 "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?)",
-                (device_id, float(report.get("ts", 0)), json.dumps(report)),
+                (device_id, float(report.get("ts", 0)), summary),
             )
-            self.db.execute("UPDATE devices SET telemetry=? WHERE device_id=?", (json.dumps(report), device_id))
+            self.db.execute("UPDATE devices SET telemetry=? WHERE device_id=?", (summary, device_id))
+            for h in histograms or ():
+                row = LatencyRow(device_id, h.channel or "", h.model_version or "", RAW, h.start, h.end, h.count, h.hdr)
+                self.put_latency(row, replace=False)
+
+    def put_latency(self, row: LatencyRow, replace: bool) -> None:
+        """Insert `row`; one with the same key is kept (a QoS 1 duplicate), or replaced."""
+        key = (row.device_id, row.channel, row.version, row.resolution, row.start)
+        with self.transaction():
+            if replace:
+                self.db.execute(
+                    "DELETE FROM latency WHERE device_id=? AND channel=? AND version=? AND resolution=? AND start_ts=?",
+                    key,
+                )
+            self.db.execute(
+                f"INSERT INTO latency ({_LATENCY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                (*key, row.end, row.calls, row.hdr),
+            )
+
+    def latency_rows(
+        self,
+        *,
+        since: float | None = None,
+        before: float | None = None,
+        channel: str | None = None,
+        version: str | None = None,
+        device_id: str | None = None,
+        resolution: str | None = None,
+    ) -> list[LatencyRow]:
+        """The history's rows that end after `since` and before `before`, oldest first."""
+        where, args = _where(
+            ("end_ts > ?", since),
+            ("end_ts < ?", before),
+            ("channel = ?", channel),
+            ("version = ?", version),
+            ("device_id = ?", device_id),
+            ("resolution = ?", resolution),
+        )
+        rows = self.db.execute(f"SELECT {_LATENCY_COLUMNS} FROM latency{where} ORDER BY start_ts", args).fetchall()
+        return [LatencyRow(*r) for r in rows]
+
+    def delete_latency(self, resolution: str, before: float) -> int:
+        cur = self.db.execute("DELETE FROM latency WHERE resolution=? AND end_ts < ?", (resolution, before))
+        return int(cur.rowcount)
+
+    def delete_telemetry(self, before: float) -> int:
+        return int(self.db.execute("DELETE FROM telemetry WHERE ts < ?", (before,)).rowcount)
 
     def devices(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
@@ -103,6 +183,14 @@ class FleetDB:
         args.append(limit)
         rows = self.db.execute(q, args).fetchall()
         return [{**json.loads(p), "received": r} for p, r in reversed(rows)]
+
+
+def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """A WHERE clause of the conditions whose value is given, and its arguments."""
+    used = [(sql, value) for sql, value in conditions if value is not None]
+    if not used:
+        return "", []
+    return " WHERE " + " AND ".join(sql for sql, _ in used), [value for _, value in used]
 
 
 def _device_row(device_id: str, online: int, status: str, telemetry: str, last_seen: float) -> dict[str, Any]:

@@ -18,6 +18,7 @@ __all__ = [
     "NAME_RULE",
     "PROTOCOL_VERSION",
     "Announcement",
+    "IntervalHistogram",
     "Manifest",
     "ObjectRef",
     "TensorSpec",
@@ -30,6 +31,7 @@ __all__ = [
     "now",
     "safe_name",
     "signature_diff",
+    "telemetry_histograms",
 ]
 
 PROTOCOL_VERSION = 1
@@ -264,6 +266,53 @@ class Announcement:
             manifest=Manifest.from_json(obj.get("manifest")),
             signature=obj.get("signature"),
         )
+
+
+MAX_HDR_CHARS = 64 * 1024  # an interval's encoded histogram is a few hundred bytes
+
+
+@dataclass(frozen=True)
+class IntervalHistogram:
+    """One entry of a telemetry message's `histograms`: the latency samples one model version
+    served in the interval, in HdrHistogram's compressed encoding (base64 text)."""
+
+    model_version: str | None
+    channel: str | None
+    count: int
+    hdr: str
+    start: float  # the interval's bounds, wall clock
+    end: float
+
+
+def telemetry_histograms(obj: dict[str, Any]) -> list[IntervalHistogram]:
+    """The histograms of a decoded telemetry message; [] for a message from an older agent."""
+    raw = obj.get("histograms")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ProtocolError("telemetry.histograms must be a list")
+    end = _num(obj, "ts")
+    start = float(obj["interval_start"]) if isinstance(obj.get("interval_start"), (int, float)) else None
+    if start is None:
+        start = end - _num(obj, "interval_s")
+    return [_interval_histogram(_obj(h, "telemetry.histograms[]"), obj, start, end) for h in raw]
+
+
+def _interval_histogram(h: dict[str, Any], msg: dict[str, Any], start: float, end: float) -> IntervalHistogram:
+    hdr, count = h.get("hdr"), h.get("count")
+    if not isinstance(hdr, str) or not 0 < len(hdr) <= MAX_HDR_CHARS:
+        raise ProtocolError(f"telemetry.histograms[].hdr must be base64 text of at most {MAX_HDR_CHARS} characters")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ProtocolError("telemetry.histograms[].count must be a non-negative integer")
+    version, channel = h.get("model_version"), h.get("channel", msg.get("channel"))
+    return IntervalHistogram(
+        model_version=None if version is None else check_name("telemetry.histograms[].model_version", version),
+        channel=None if channel is None else check_name("telemetry.histograms[].channel", channel),
+        count=count,
+        hdr=hdr,
+        start=start,
+        end=end,
+    )
 
 
 def new_event(device_id: str, kind: str, **fields: Any) -> dict[str, Any]:

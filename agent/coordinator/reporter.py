@@ -185,12 +185,12 @@ class Reporter:
         self._next_telemetry = time.monotonic() + interval_s
 
     def telemetry_if_due(self) -> None:
-        """Every telemetry.interval_s: the interval's latency summary, then the status."""
+        """Every telemetry.interval_s: the interval's latency summary and histograms, then the status."""
         if time.monotonic() < self._next_telemetry:
             return
         self._next_telemetry += self.cfg.telemetry.interval_s
         self.server.drain(force=True)
-        summary = self.recorder.take_interval()
+        interval = self.recorder.take_interval()
         model = self.server.model
         payload = {
             "protocol": 1,
@@ -198,8 +198,11 @@ class Reporter:
             "device_id": self.cfg.device_id,
             "ts": now(),
             "interval_s": self.cfg.telemetry.interval_s,
+            "interval_start": interval.start,
+            "channel": self.cfg.channel,
             "model_version": model.version if model else None,
-            **summary.to_json(),
+            **interval.summary.to_json(),
+            "histograms": interval.histograms(self.cfg.channel),  # mergeable, per version (docs/protocol.md)
         }
         self.link.publish(self.topics.telemetry(self.cfg.device_id), encode(payload), qos=1)
         self.status_changed = True

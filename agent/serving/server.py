@@ -224,7 +224,7 @@ class InferenceServer:
         stats.errors += got.errors
         stats.nonfinite += got.nonfinite
         for us in got.samples:
-            self.recorder.record(us)
+            self.recorder.record(us, stats.version)
             stats.latency.record(us)
 
     def stop(self) -> None:

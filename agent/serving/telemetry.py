@@ -9,6 +9,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
@@ -49,13 +50,37 @@ def summarize(h: HdrHistogram) -> LatencySummary:
     )
 
 
+def encoded(h: HdrHistogram) -> str:
+    """HdrHistogram's standard compressed encoding, base64 text: any hdrh reader decodes it."""
+    text: str = h.encode().decode("ascii")  # hdrh's encode() is base64 already
+    return text
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The samples since the previous report: all of them, and one histogram per model version
+    that served (two when a swap fell inside the interval)."""
+
+    start: float  # wall clock
+    summary: LatencySummary
+    by_version: dict[str, HdrHistogram]
+
+    def histograms(self, channel: str) -> list[dict[str, Any]]:
+        """The telemetry message's `histograms` field (docs/protocol.md)."""
+        return [
+            {"model_version": v or None, "channel": channel, "count": h.get_total_count(), "hdr": encoded(h)}
+            for v, h in sorted(self.by_version.items())
+        ]
+
+
 class LatencyRecorder:
-    """Two views of the same samples: since the last report, and a sliding last minute
-    (12 buckets of 5 s)."""
+    """Two views of the same samples: since the last report (per model version), and a sliding
+    last minute (12 buckets of 5 s)."""
 
     def __init__(self, window_s: float = 60.0, buckets: int = 12) -> None:
         self._lock = threading.Lock()
-        self._interval = _hist()
+        self._interval: dict[str, HdrHistogram] = {}
+        self._interval_start = time.time()
         self._bucket_s = window_s / buckets
         self._buckets: deque[tuple[float, HdrHistogram]] = deque(maxlen=buckets)
         self._new_bucket(time.monotonic())
@@ -63,19 +88,26 @@ class LatencyRecorder:
     def _new_bucket(self, t: float) -> None:
         self._buckets.append((t - t % self._bucket_s, _hist()))
 
-    def record(self, us: int) -> None:
+    def record(self, us: int, version: str = "") -> None:
         t = time.monotonic()
         with self._lock:
-            self._interval.record_value(max(us, _LOWEST_US))
+            h = self._interval.get(version)
+            if h is None:
+                h = self._interval[version] = _hist()
+            h.record_value(max(us, _LOWEST_US))
             if t - self._buckets[-1][0] >= self._bucket_s:
                 self._new_bucket(t)
             self._buckets[-1][1].record_value(max(us, _LOWEST_US))
 
-    def take_interval(self) -> LatencySummary:
-        """Summary of the samples since the last call; starts a new interval."""
+    def take_interval(self) -> Interval:
+        """The samples since the last call; starts a new interval."""
         with self._lock:
-            h, self._interval = self._interval, _hist()
-        return summarize(h)
+            by_version, self._interval = self._interval, {}
+            start, self._interval_start = self._interval_start, time.time()
+        total = _hist()
+        for h in by_version.values():
+            total.add(h)
+        return Interval(start, summarize(total), by_version)
 
     def last_minute(self) -> LatencySummary:
         horizon = time.monotonic() - self._bucket_s * self._buckets.maxlen  # type: ignore[operator]
