@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.system.inbox import Intake
 from scripts.loopback.service_harness import agent_cli, agent_process, offline_config
 from tests.conftest import mlp, wait_for
 
@@ -85,3 +87,16 @@ def test_files_dropped_while_stopped_are_checked_at_start(tmp_path: Path) -> Non
     with agent_process(cfg, {}):
         _wait_active(cfg, "early")
         assert "not a valid ONNX model" in _wait_rejected(cfg, "broken")
+
+
+def test_a_file_from_before_the_clock_was_stepped_back_is_taken(tmp_path: Path) -> None:
+    """Dropped, then the wall clock stepped back three hours: its modification time lies in the
+    future, and it is not "still being written" for three hours."""
+    inbox, incoming = tmp_path / "inbox", tmp_path / "incoming"
+    inbox.mkdir()
+    incoming.mkdir()
+    fresh, future = mlp(inbox / "fresh.onnx"), mlp(inbox / "future.onnx", seed=1)
+    later = time.time() + 3 * 3600
+    os.utime(future, (later, later))
+    assert Intake(inbox, incoming).existing(settled_s=2.0) == [future]  # fresh.onnx may still be written
+    assert fresh.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,19 @@ def test_an_expired_lease_is_taken_over(tmp_path: Path, s3: MotoS3, bucket: str)
     lease = other.acquire("k", 60)
     assert lease.ours and lease.holder == "go2-02"
     assert not share.acquire("k", 60).ours
+
+
+def test_a_lease_ages_on_the_stores_clock_not_on_the_holders(tmp_path: Path, s3: MotoS3, bucket: str) -> None:
+    """A holder whose clock ran three hours ahead wrote an expiry three hours off: its 1 s lease
+    still ends after 1 s, judged by the object's age on the store's clock."""
+    key = ShareConfig(True, bucket).prefix + "k/lease"
+    ahead = {"builder": "go2-02", "expires_at": time.time() + 3 * 3600, "hold_s": 1}
+    s3.client().put_object(Bucket=bucket, Key=key, Body=json.dumps(ahead).encode())
+    share = EngineShare(s3.client(), ShareConfig(True, bucket), "go2-01")
+    held = share.acquire("k", 60)
+    assert not held.ours and held.holder == "go2-02" and held.expires_at < time.time() + 2
+    time.sleep(2.2)  # the store's Date header has 1 s resolution
+    assert share.acquire("k", 60).ours
 
 
 class _LookedTooEarly(EngineShare):

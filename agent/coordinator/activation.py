@@ -402,12 +402,7 @@ class Activation:
 
     def _stored_history(self) -> list[ModelRecord]:
         """Models that served before (most recent first) whose files are still here."""
-        recs = [
-            r
-            for r in self.store.history(1000)
-            if r.activated_at is not None and r.state in (ModelState.ACTIVE, ModelState.RETIRED)
-        ]
-        recs.sort(key=lambda r: r.activated_at or 0.0, reverse=True)
+        recs = self.store.by_entry(ModelState.ACTIVE, ModelState.ACTIVE, ModelState.RETIRED)
         return [r for r in recs if self.store.model_path(r.sha256).exists()]
 
     def _load_stored(self, rec: ModelRecord) -> ServedModel:

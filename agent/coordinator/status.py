@@ -100,7 +100,7 @@ MQTT_STATUS_KEYS = (
 class Life:
     """The daemon's own state, shared with the status."""
 
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.monotonic)  # uptime survives a stepped wall clock
     stopping: bool = False
     disk_problem: str | None = None  # messages a full disk kept from being recorded
 
@@ -139,7 +139,7 @@ class StatusBuilder:
             "device_id": self.cfg.device_id,
             "state": "stopping" if self.life.stopping else "running",
             "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.life.started_at, 1),
+            "uptime_s": round(time.monotonic() - self.life.started_at, 1),
             "agent_version": __version__,
             "channel": self.cfg.channel,
             "backend": self.backend.name,
@@ -179,7 +179,7 @@ class StatusBuilder:
         return dict(self.build())
 
     def _broker(self) -> Broker:
-        conflict = self.link.conflict_until > time.time()
+        conflict = self.link.conflict_until > time.monotonic()
         return {
             "url": self.cfg.mqtt.url,
             "connected": self.link.connected,
@@ -214,10 +214,10 @@ class StatusBuilder:
         return None if rec is None else {"version": rec.version, "reason": rec.reason, "at": rec.updated_at}
 
     def _last_rollback(self) -> Outcome | None:
-        rolled = sorted(self.store.in_state(ModelState.ROLLED_BACK), key=lambda r: r.updated_at)
+        rolled = self.store.by_entry(ModelState.ROLLED_BACK)
         if not rolled:
             return None
-        return {"version": rolled[-1].version, "reason": rolled[-1].reason, "at": rolled[-1].updated_at}
+        return {"version": rolled[0].version, "reason": rolled[0].reason, "at": rolled[0].updated_at}
 
     def mqtt(self) -> dict[str, Any]:
         """The retained status topic's payload: a subset of the status."""

@@ -176,8 +176,21 @@ class Store:
         return found[-1] if found else None
 
     def last_rejected(self) -> ModelRecord | None:
-        found = self.in_state(ModelState.REJECTED)
-        return found[-1] if found else None
+        found = self.by_entry(ModelState.REJECTED)
+        return found[0] if found else None
+
+    def by_entry(self, state: ModelState, *now_in: ModelState) -> list[ModelRecord]:
+        """Models that entered `state` (and are now in one of `now_in`, default: still in it),
+        the most recent entry first. Ordered by the transitions' own sequence, never by their wall
+        time: the clock may have been stepped back between two of them."""
+        states = now_in or (state,)
+        marks = ",".join("?" * len(states))
+        rows = self.db.execute(
+            "SELECT m.* FROM models m JOIN (SELECT model_id, MAX(id) AS seq FROM transitions WHERE state=?"
+            f" GROUP BY model_id) t ON t.model_id = m.id WHERE m.state IN ({marks}) ORDER BY t.seq DESC",
+            [state.value, *(s.value for s in states)],
+        ).fetchall()
+        return [_record(r) for r in rows]
 
     # -- marks (per-channel last handled sequence, ...) -----------------------------------------
     def mark(self, key: str) -> Any:

@@ -121,7 +121,7 @@ class Link:
             # Another agent uses our device_id (the broker hands it our session). Reconnecting at once
             # would kick it off in turn, and the two would loop; back off for minutes (jittered, so
             # twins drift apart) and say so in the status.
-            self.conflict_until = time.time() + CONFLICT_BACKOFF_S
+            self.conflict_until = time.monotonic() + CONFLICT_BACKOFF_S
             jitter_backoff(client, CONFLICT_BACKOFF_S, 2 * CONFLICT_BACKOFF_S)
             log.error(
                 "the broker keeps handing this session to another client: is device_id %r used by "

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ class EngineShare:
     # -- the build lease -------------------------------------------------------------------------
     def acquire(self, key: str, hold_s: float) -> Lease:
         """Try to become the one builder of `key`; otherwise say who is."""
-        body = json.dumps({"builder": self.device_id, "expires_at": time.time() + hold_s}).encode()
+        body = json.dumps({"builder": self.device_id, "expires_at": time.time() + hold_s, "hold_s": hold_s}).encode()
         for _ in range(2):
             try:
                 self.s3.put_object(Bucket=self.cfg.bucket, Key=self._key(key, "lease"), Body=body, IfNoneMatch="*")
@@ -144,9 +145,9 @@ class EngineShare:
 
     def _lease(self, key: str) -> Lease | None:
         try:
-            body = self.s3.get_object(Bucket=self.cfg.bucket, Key=self._key(key, "lease"))["Body"].read()
-            d = json.loads(body)
-            return Lease(str(d["builder"]) == self.device_id, str(d["builder"]), float(d["expires_at"]))
+            got = self.s3.get_object(Bucket=self.cfg.bucket, Key=self._key(key, "lease"))
+            d = json.loads(got["Body"].read())
+            return Lease(str(d["builder"]) == self.device_id, str(d["builder"]), _expiry(got, d))
         except ClientError:
             return None  # released in between
         except (ValueError, KeyError, TypeError):
@@ -161,6 +162,19 @@ class EngineShare:
                 self.s3.delete_object(Bucket=self.cfg.bucket, Key=self._key(key, "lease"))
         except (BotoCoreError, ClientError, ShareError) as err:
             log.warning("could not release the build lease of %s: %s", key, err)
+
+
+def _expiry(got: dict[str, Any], lease: dict[str, Any]) -> float:
+    """When a lease expires, on this machine's clock. Its age is read on the store's clock (the
+    object's LastModified against the response's Date), so that neither the holder's clock nor
+    ours, stepped by hours, keeps a dead lease alive or ends a live one early. A lease from an
+    agent before "hold_s" was written: its holder's expires_at."""
+    try:
+        served_at = parsedate_to_datetime(got["ResponseMetadata"]["HTTPHeaders"]["date"])
+        age = (served_at - got["LastModified"]).total_seconds()
+        return time.time() + float(lease["hold_s"]) - max(age, 0.0)
+    except (KeyError, TypeError, ValueError):
+        return float(lease["expires_at"])
 
 
 def _precondition_failed(err: ClientError) -> bool:

@@ -80,7 +80,7 @@ class LatencyRecorder:
     def __init__(self, window_s: float = 60.0, buckets: int = 12) -> None:
         self._lock = threading.Lock()
         self._interval: dict[str, HdrHistogram] = {}
-        self._interval_start = time.time()
+        self._interval_start = time.monotonic()
         self._bucket_s = window_s / buckets
         self._buckets: deque[tuple[float, HdrHistogram]] = deque(maxlen=buckets)
         self._new_bucket(time.monotonic())
@@ -103,7 +103,10 @@ class LatencyRecorder:
         """The samples since the last call; starts a new interval."""
         with self._lock:
             by_version, self._interval = self._interval, {}
-            start, self._interval_start = self._interval_start, time.time()
+            started, self._interval_start = self._interval_start, time.monotonic()
+        # The wall-clock start, from the interval's measured length: a clock stepped inside the
+        # interval moves both bounds, never stretches the interval by hours.
+        start = time.time() - (self._interval_start - started)
         total = _hist()
         for h in by_version.values():
             total.add(h)

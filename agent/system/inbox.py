@@ -141,7 +141,7 @@ class Intake:
         found = []
         for p in sorted(self.inbox.glob(f"*{MODEL_SUFFIX}")):
             with contextlib.suppress(FileNotFoundError):
-                if is_model_name(p.name) and now - p.stat().st_mtime >= settled_s:
+                if is_model_name(p.name) and _settled(now - p.stat().st_mtime, settled_s):
                     found.append(p)
         return found
 
@@ -218,3 +218,9 @@ def _sha256(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def _settled(age_s: float, settled_s: float) -> bool:
+    """Not written to for `settled_s`. A modification time well in the future means the wall clock
+    was stepped back since: a file being written now would carry about now."""
+    return age_s >= settled_s or age_s < -settled_s
