@@ -5,13 +5,19 @@ control socket never wait for the network."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.contract.mqtt_client import make_client
+from agent.contract.protocol import Topics
 from scripts.loopback.models import mlp
+from scripts.loopback.services import Mosquitto, MotoS3
 from tests.conftest import Fleet, wait_for
 from tests.faultproxy import FaultProxy
 from tests.invariants import CallingClient, event_problems, state_dir_problems
@@ -27,8 +33,7 @@ def _via(cfg: Path, old: str, new: str) -> None:
     cfg.write_text(text.replace(old, new))
 
 
-def _collected(fleet: Fleet, device: str) -> list[dict[str, object]]:
-    import json
+def _collected(fleet: Fleet, device: str) -> list[dict[str, Any]]:
     import sqlite3
 
     db = sqlite3.connect(fleet.root / "fleet.db")
@@ -95,3 +100,59 @@ def test_a_black_holed_broker_blocks_nothing_and_loses_nothing(fleet: Fleet, tmp
     )
     assert slowest < 3.0 and client.failures == 0
     assert not event_problems(state, _collected(fleet, "go2-flaky-mqtt"))
+
+
+@pytest.mark.parametrize("persistence", [True, False], ids=["persistent", "forgetful"])
+def test_a_broker_restart_misses_no_announcement_and_repeats_no_event(
+    tmp_path: Path, s3: MotoS3, persistence: bool
+) -> None:
+    """A persistent broker hands back the sessions and the retained announcement (handled once, by
+    sequence); a forgetful one (mosquitto's default) forgets them, and the agent subscribes again
+    and says again who it is (its retained status)."""
+    broker = Mosquitto(tmp_path / "broker", persistence=persistence)
+    broker.start()
+    fleet = Fleet(tmp_path, broker, s3)
+    device = "go2-broker-restart"
+    try:
+        fleet.start_collector()
+        cfg = fleet.agent_config(device, extra=NOT_UNDER_TEST)
+        fleet.start_agent(cfg)
+        fleet.publish(mlp(tmp_path / "v1.onnx", seed=1), "v1")
+        fleet.wait_active(cfg, "v1", timeout=60)
+        with CallingClient(cfg.parent / "run" / "infer.sock") as client:
+            broker.stop()
+            wait_for(lambda: not fleet.status(cfg)["broker"]["connected"], 20, "the agent sees the broker gone")
+            broker.start()
+            back = time.monotonic()
+            wait_for(lambda: fleet.status(cfg)["broker"]["connected"], 30, "the agent connected again")
+            reconnected = time.monotonic() - back
+            fleet.publish(mlp(tmp_path / "v2.onnx", seed=2), "v2")
+            fleet.wait_active(cfg, "v2", timeout=60)
+        retained = _retained(broker, Topics(fleet.prefix).status(device))
+        state = cfg.parent / "state"
+        wait_for(lambda: not event_problems(state, _collected(fleet, device)), 30, "every event once")
+        announced = [e for e in _collected(fleet, device) if e.get("state") == "announced"]
+    finally:
+        fleet.close()
+        broker.stop()
+    print(f"\nbroker restarted (persistence {persistence}): agent connected {reconnected:.1f} s after it was back")
+    assert client.failures == 0
+    assert retained.get("online") is True and (retained.get("active") or {}).get("version") == "v2", retained
+    assert sorted(e["version"] for e in announced) == ["v1", "v2"]  # the retained v1 once, not again
+    assert not event_problems(state, _collected(fleet, device))
+
+
+def _retained(broker: Mosquitto, topic: str) -> dict[str, Any]:
+    """The retained message on `topic`, as a newcomer to the broker would get it."""
+    got: list[dict[str, Any]] = []
+    client = make_client(f"look-{uuid.uuid4().hex[:6]}", broker.url)
+    client.on_connect = lambda c, *_a: c.subscribe(topic, qos=1)
+    client.on_message = lambda _c, _u, msg: got.append(json.loads(msg.payload))
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        wait_for(lambda: got, 10, f"the retained message on {topic}")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got[-1]

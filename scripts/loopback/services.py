@@ -48,9 +48,10 @@ def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float 
 
 class Mosquitto:
     """A broker on a fixed port (so it can be stopped and started again at the same address),
-    with persistence so that stored sessions survive a restart."""
+    with persistence so that stored sessions survive a restart (`persistence=False`: a restart
+    forgets sessions, queued and retained messages, as mosquitto's default does)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persistence: bool = True) -> None:
         self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ class Mosquitto:
             # As root, mosquitto drops to user "mosquitto", which cannot write into a test's private
             # tmp dir (no log, no persistence): stay the user who started it.
             f"user {getpass.getuser()}\n"
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence {str(persistence).lower()}\n"
             f"persistence_location {workdir}/\nmax_queued_messages 100000\nlog_dest file {workdir}/mosquitto.log\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
