@@ -12,9 +12,10 @@ import pytest
 
 from agent.contract.protocol import Announcement, decode, encode
 from agent.contract.signing import Trust, generate, load_private, public_b64, sign
-from agent.errors import ConfigError, ProtocolError, SignatureRejected
+from agent.errors import ConfigError, ProtocolError, PublishError, SignatureRejected
 from cloud.config import load
 from cloud.fleetdb import FleetDB
+from cloud.rollout_driver import choose_canaries
 from cloud.rolloutdb import CANARY, HALTING, PROMOTED, PROMOTING, Rollout, RolloutDB
 from cloud.rollouts import STALE_S, Observed, decide, observe, pick_canaries
 from tests.test_protocol import manifest
@@ -155,3 +156,29 @@ def test_device_groups_in_the_fleet_config(tmp_path: Path) -> None:
     path.write_text('[s3]\nbucket = "b"\n[device_groups]\nlab-a = "go2-01"\n')
     with pytest.raises(ConfigError, match="device_groups.lab-a: must be a list"):
         load(path)
+
+
+def test_choose_canaries(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text('[s3]\nbucket = "b"\n[device_groups]\nlab-a = ["go2-01", "go2-02"]\nlab-b = ["go2-09"]\n')
+    cfg = load(path)
+    db = FleetDB(tmp_path / "fleet.db")
+    for i in range(10):
+        db.put_status(f"go2-{i:02d}", {"online": True, "channel": "walk" if i < 9 else "run"})
+
+    def choose(**kw: Any) -> list[str]:
+        return choose_canaries(cfg, db, "walk", "v2", **{"canary": None, "fraction": None, "target": None, **kw})
+
+    assert choose(canary=["go2-05"]) == ["go2-05"]
+    assert choose(target=["lab-a", "lab-b"]) == ["go2-01", "go2-02", "go2-09"]
+    assert choose(target=["lab-a"], canary=["go2-05"]) == ["go2-01", "go2-02", "go2-05"]
+    drawn = choose(fraction=0.2)  # of the 9 devices on walk
+    assert len(drawn) == 2 and all(d != "go2-09" for d in drawn)
+    assert len(choose(target=["lab-a"], fraction=0.5)) == 1
+    with pytest.raises(PublishError, match="no device group 'lab-c'.*known: lab-a, lab-b"):
+        choose(target=["lab-c"])
+    db.close()
+    empty = FleetDB(tmp_path / "empty.db")
+    with pytest.raises(PublishError, match="no device known on channel 'walk'"):
+        choose_canaries(cfg, empty, "walk", "v2", canary=None, fraction=0.5, target=None)
+    empty.close()
