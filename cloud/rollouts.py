@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -70,7 +71,7 @@ def decide(r: Rollout, seen: Mapping[str, Observed], now: float) -> Action:
         return Action("soak", f"every canary runs {r.version}: soaking {r.soak_s:g} s", until=now + r.soak_s)
     if now >= r.soak_until:
         return Action("promote", f"every canary ran {r.version} for {r.soak_s:g} s without a rejection or rollback")
-    return Action("wait", f"soaking until {r.soak_until:.0f}")
+    return Action("wait", f"soaking until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(r.soak_until))}")
 
 
 def pick_canaries(devices: Iterable[str], fraction: float, version: str) -> list[str]:

@@ -55,7 +55,8 @@ def test_waits_for_every_canary_then_soaks_then_promotes() -> None:
     soak = decide(r, {"a": ACTIVE, "b": ACTIVE}, T0 + 7)
     assert soak.kind == "soak" and soak.until == T0 + 17
     soaking = dataclasses.replace(r, soak_until=T0 + 17)
-    assert decide(soaking, {"a": ACTIVE, "b": ACTIVE}, T0 + 16.9).kind == "wait"
+    still = decide(soaking, {"a": ACTIVE, "b": ACTIVE}, T0 + 16.9)
+    assert still.kind == "wait" and still.reason == "soaking until 1970-01-12 13:46:57 UTC"
     promote = decide(soaking, {"a": ACTIVE, "b": ACTIVE}, T0 + 17)
     assert promote.kind == "promote" and "v2" in promote.reason
 
