@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--golden-rtol", type=tolerance, help="relative tolerance against the golden outputs")
     c.add_argument("--sign-key", type=Path, help="Ed25519 private key from `fleet keygen`: sign the announcement")
     c.add_argument("--deploy-config", type=Path, help="Go2 deploy config (TOML/JSON) carried in the manifest")
+    _staged_options(c)
     c.set_defaults(func=cmd_publish)
+    _rollout_commands(sub)
     c = sub.add_parser("rollback", help="announce an earlier version again (a new sequence number)")
     c.add_argument("--channel", required=True, type=name_arg("--channel"))
     c.add_argument("--to", required=True, dest="to_version", metavar="VERSION", type=name_arg("--to"))
@@ -81,10 +83,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _staged_options(c: argparse.ArgumentParser) -> None:
+    staged = c.add_argument_group("staged rollout", "announce to canaries first; `fleet collect` promotes or halts")
+    staged.add_argument("--canary", type=name_list("--canary"), metavar="DEVICE[,DEVICE...]")
+    staged.add_argument("--canary-fraction", type=fraction, metavar="F", help="of the channel's (or groups') devices")
+    staged.add_argument("--target", type=name_list("--target"), metavar="GROUP[,GROUP...]", help="[device_groups]")
+    staged.add_argument("--soak", type=duration, metavar="DURATION", help="after every canary runs it (default 10m)")
+
+
+def _rollout_commands(sub: Any) -> None:
+    c = sub.add_parser("rollouts", help="staged rollouts: state, canaries, why halted")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_rollouts)
+    c = sub.add_parser("promote", help="promote a staged rollout to its channel now")
+    c.add_argument("rollout", metavar="ROLLOUT", type=name_arg("ROLLOUT"))
+    c.set_defaults(func=cmd_promote)
+    c = sub.add_parser("halt", help="halt a staged rollout: its canaries roll back")
+    c.add_argument("rollout", metavar="ROLLOUT", type=name_arg("ROLLOUT"))
+    c.set_defaults(func=cmd_halt)
+
+
 def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
     from cloud.api import Fleet
 
-    ann = Fleet(cfg).publish(
+    fleet = Fleet(cfg)
+    ann = fleet.publish(
         args.model,
         channel=args.channel,
         version=args.model_version,
@@ -94,9 +117,79 @@ def cmd_publish(cfg: FleetConfig, args: argparse.Namespace) -> int:
         golden_atol=args.golden_atol,
         golden_rtol=args.golden_rtol,
         sign_key=args.sign_key,
+        canary=args.canary,
+        canary_fraction=args.canary_fraction,
+        target=args.target,
+        soak=args.soak,
         note=lambda text: print(f"fleet: note: {text}", file=sys.stderr),
     )
-    _print_announcement(ann)
+    _print_announcement(ann, fleet.rollout)
+    return 0
+
+
+def name_list(option: str) -> Any:
+    """An argparse `type`: comma-separated names."""
+    one = name_arg(option)
+
+    def parse(value: str) -> list[str]:
+        return [one(v.strip()) for v in value.split(",") if v.strip()]
+
+    return parse
+
+
+def fraction(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        f = -1.0
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fraction in (0, 1], e.g. 0.2")
+    return f
+
+
+def cmd_rollouts(cfg: FleetConfig, args: argparse.Namespace) -> int:
+    from cloud.rollout_driver import Driver
+    from cloud.rolloutdb import RolloutDB
+
+    db = _db(cfg)
+    driver = Driver(cfg, db)
+    rows = [(r, driver.observed(r)) for r in RolloutDB(db).all()]
+    if args.json:
+        out = [{**r.to_json(), "observed": {d: o.to_json() for d, o in seen.items()}} for r, seen in rows]
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'ROLLOUT':<24} {'CHANNEL':<12} {'VERSION':<14} {'STATE':<10} {'CANARIES':<24} REASON")
+    for r, seen in rows:
+        canaries = ",".join(f"{d}{'*' if seen[d].active else '!' if seen[d].failed else ''}" for d in r.canaries)
+        print(f"{r.id:<24} {r.channel:<12} {r.version:<14} {r.state:<10} {canaries:<24} {r.reason}")
+    if not rows:
+        print("(no rollouts: `fleet publish --canary ...` starts one)")
+    return 0
+
+
+def cmd_promote(cfg: FleetConfig, args: argparse.Namespace) -> int:
+    return _by_hand(cfg, args.rollout, "promote")
+
+
+def cmd_halt(cfg: FleetConfig, args: argparse.Namespace) -> int:
+    return _by_hand(cfg, args.rollout, "halt")
+
+
+def _by_hand(cfg: FleetConfig, rollout_id: str, what: str) -> int:
+    from cloud.rollout_driver import Driver
+    from cloud.rolloutdb import RolloutDB
+
+    db = _db(cfg)
+    r = RolloutDB(db).get(rollout_id)
+    if r is None:
+        raise AgentError(f"no rollout {rollout_id!r} (see `fleet rollouts`)")
+    driver = Driver(cfg, db)
+    reason = f"{'promoted' if what == 'promote' else 'halted'} by hand (fleet {what})"
+    done = driver.promote(r, reason) if what == "promote" else driver.halt(r, reason)
+    if not done:
+        raise AgentError(f"rollout {rollout_id} is {r.state}, not canary: nothing to {what}")
+    r = RolloutDB(db).get(rollout_id)
+    print(f"{rollout_id}: {r.state if r else '?'}: {r.reason if r else ''}")
     return 0
 
 
@@ -119,19 +212,17 @@ def cmd_rollback(cfg: FleetConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_announcement(ann: Any) -> None:
-    print(
-        json.dumps(
-            {
-                "channel": ann.channel,
-                "sequence": ann.sequence,
-                "issued_at": ann.issued_at,
-                "manifest": ann.manifest.to_json(),
-                "signature": ann.signature,
-            },
-            indent=2,
-        )
-    )
+def _print_announcement(ann: Any, rollout: str | None = None) -> None:
+    out = {
+        "channel": ann.channel,
+        "sequence": ann.sequence,
+        "issued_at": ann.issued_at,
+        "manifest": ann.manifest.to_json(),
+        "signature": ann.signature,
+    }
+    if rollout is not None:
+        out.update(targets=list(ann.targets), rollout=rollout)
+    print(json.dumps(out, indent=2))
 
 
 def cmd_keygen(_cfg: FleetConfig | None, args: argparse.Namespace) -> int:

@@ -1,5 +1,7 @@
 """`fleet collect`: a persistent MQTT 5 session that stores what devices report. While it is down
-(for less than the session expiry) the broker queues the QoS 1 messages it missed."""
+(for less than the session expiry) the broker queues the QoS 1 messages it missed. It also drives
+the staged rollouts (cloud/rollout_driver.py), once a second: their state is in the database, so a
+restarted collector carries on where it stopped."""
 
 from __future__ import annotations
 
@@ -18,8 +20,11 @@ from cloud.config import FleetConfig
 from cloud.fleetdb import FleetDB
 from cloud.latency import decode as decode_histogram
 from cloud.retention import prune
+from cloud.rollout_driver import Driver
 
 log = logging.getLogger(__name__)
+
+ROLLOUT_TICK_S = 1.0
 
 
 class Collector:
@@ -34,6 +39,7 @@ class Collector:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.ignored = 0
+        self.rollouts = Driver(cfg, self.db, self.lock)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
@@ -48,9 +54,14 @@ class Collector:
         )
         self.client.loop_start()
         log.info("collecting from %s into %s", self.cfg.mqtt.url, self.cfg.collector.db)
-        self.prune()
-        while not self.stop_event.wait(self.cfg.collector.prune_every_s):
-            self.prune()
+        next_prune = time.monotonic()
+        while True:
+            if time.monotonic() >= next_prune:
+                self.prune()
+                next_prune = time.monotonic() + self.cfg.collector.prune_every_s
+            self.rollouts.tick()
+            if self.stop_event.wait(ROLLOUT_TICK_S):
+                break
         self.client.disconnect()
         self.client.loop_stop()
         self.db.close()

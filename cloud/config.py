@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import check_mqtt_url
-from agent.contract.protocol import DEFAULT_TOPIC_PREFIX
+from agent.contract.protocol import DEFAULT_TOPIC_PREFIX, name_problem
 from agent.contract.tomlconf import build, read_toml
 from agent.errors import ConfigError
 from cloud.duration import parse_duration
@@ -77,6 +77,15 @@ class FleetConfig:
     s3: FleetS3
     mqtt: FleetMqtt = field(default_factory=FleetMqtt)
     collector: FleetCollector = field(default_factory=FleetCollector)
+    device_groups: dict[str, list[str]] = field(default_factory=dict)  # name -> device ids (--target)
+
+    def check(self) -> None:
+        for group, devices in self.device_groups.items():
+            problem = name_problem("device_groups: group", group) or next(
+                filter(None, (name_problem(f"device_groups.{group}: device", d) for d in devices)), None
+            )
+            if problem:
+                raise ConfigError(problem)
 
 
 def config_path(cli_value: str | None) -> Path:

@@ -1,4 +1,5 @@
-"""The collector's SQLite store: device status, lifecycle events, latency telemetry and its history.
+"""The collector's SQLite store: device status, lifecycle events, latency telemetry and its history,
+and staged rollouts (their queries: cloud/rolloutdb.py).
 
 The latency history is plain SQL (portable types, no SQLite-only syntax): one row per telemetry
 interval and model version ('raw'), merged per hour once older than the raw retention ('hour')."""
@@ -33,6 +34,12 @@ CREATE TABLE IF NOT EXISTS latency (
   hdr TEXT NOT NULL,
   PRIMARY KEY (device_id, channel, version, resolution, start_ts));
 CREATE INDEX IF NOT EXISTS latency_by_end ON latency (end_ts);
+CREATE TABLE IF NOT EXISTS rollouts (
+  id TEXT PRIMARY KEY, channel TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL,
+  previous_version TEXT, canaries TEXT NOT NULL, soak_s DOUBLE PRECISION NOT NULL, sign_key TEXT,
+  state TEXT NOT NULL, reason TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+  soak_until DOUBLE PRECISION, updated_at DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS rollouts_by_state ON rollouts (state);
 """
 
 RAW, HOUR = "raw", "hour"  # latency.resolution

@@ -6,6 +6,8 @@ S3 layout (one bucket):
     manifests/<channel>/<version>.json      the manifest
     channels/<channel>/latest.json          the last announcement (its sequence is the floor
                                             for the next one)
+    channels/<channel>/current.json         the last announcement to the whole channel (no
+                                            targets): what a halted rollout rolls back to
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ def publish(
     golden: Path | None = None,
     extra: dict[str, Any] | None = None,
     sign_key: Path | None = None,
+    targets: list[str] | None = None,
 ) -> Announcement:
+    """Upload and announce; with `targets`, only those devices act on it (a rollout's canaries)."""
     _check_names(channel=channel, version=version)
+    for device in targets or ():
+        _check_names(device=device)
     try:
         proto = check_onnx(model)
     except RejectedModel as err:
@@ -78,16 +84,28 @@ def publish(
         Body=json.dumps(manifest.to_json(), indent=2).encode(),
         ContentType="application/json",
     )
-    return announce(cfg, s3, channel, manifest, sign_key)
+    return announce(cfg, s3, channel, manifest, sign_key=sign_key, targets=targets)
 
 
-def announce(cfg: FleetConfig, s3: Any, channel: str, manifest: Manifest, sign_key: Path | None = None) -> Announcement:
+def announce(
+    cfg: FleetConfig,
+    s3: Any,
+    channel: str,
+    manifest: Manifest,
+    *,
+    sign_key: Path | None = None,
+    targets: list[str] | None = None,
+) -> Announcement:
     """Sequence = max(last + 1, now in ms): grows even if the channel record were lost."""
     latest_key = f"channels/{channel}/latest.json"
     last = _read_json(s3, cfg.s3.bucket, latest_key)
     last_seq = int(last["sequence"]) if last else -1
     ann = Announcement(
-        channel=channel, sequence=max(last_seq + 1, int(time.time() * 1000)), issued_at=time.time(), manifest=manifest
+        channel=channel,
+        sequence=max(last_seq + 1, int(time.time() * 1000)),
+        issued_at=time.time(),
+        manifest=manifest,
+        targets=None if targets is None else tuple(targets),
     )
     if sign_key is not None:
         from agent.contract.signing import load_private, sign
@@ -95,6 +113,8 @@ def announce(cfg: FleetConfig, s3: Any, channel: str, manifest: Manifest, sign_k
         ann = dataclasses.replace(ann, signature=sign(ann.to_json(), load_private(sign_key)))
     payload = encode(ann.to_json())
     s3.put_object(Bucket=cfg.s3.bucket, Key=latest_key, Body=payload, ContentType="application/json")
+    if targets is None:
+        s3.put_object(Bucket=cfg.s3.bucket, Key=_current_key(channel), Body=payload, ContentType="application/json")
     send_retained(cfg, Topics(cfg.mqtt.topic_prefix).announce(channel), payload)
     return ann
 
@@ -176,12 +196,39 @@ def _read_json(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
     return result
 
 
+def _current_key(channel: str) -> str:
+    return f"channels/{channel}/current.json"
+
+
+def current_version(cfg: FleetConfig, channel: str) -> str | None:
+    """The version last announced to the whole channel (None before the first)."""
+    s3 = s3_client(cfg.s3.endpoint_url, cfg.s3.region)
+    data = _read_json(s3, cfg.s3.bucket, _current_key(channel))
+    if data is None:  # published before current.json existed: latest.json, when it targets all
+        data = _read_json(s3, cfg.s3.bucket, f"channels/{channel}/latest.json")
+        if data is not None and data.get("targets") is not None:
+            return None
+    return None if data is None else str(data["manifest"]["version"])
+
+
 def rollback(cfg: FleetConfig, channel: str, version: str, sign_key: Path | None = None) -> Announcement:
     """Announce an earlier version again, with a new sequence number: every device follows it,
     downloading it again where it no longer stores it."""
+    return announce_version(cfg, channel, version, sign_key)
+
+
+def announce_version(
+    cfg: FleetConfig,
+    channel: str,
+    version: str,
+    sign_key: Path | None = None,
+    targets: list[str] | None = None,
+) -> Announcement:
+    """Announce a version published on `channel` again, with a new sequence number, to every
+    device or only `targets` (a rollout's promotion, or its canaries' rollback)."""
     _check_names(channel=channel, version=version)
     s3 = s3_client(cfg.s3.endpoint_url, cfg.s3.region)
     data = _read_json(s3, cfg.s3.bucket, f"manifests/{channel}/{version}.json")
     if data is None:
         raise PublishError(f"no version {version!r} was published on channel {channel!r}")
-    return announce(cfg, s3, channel, Manifest.from_json(data), sign_key)
+    return announce(cfg, s3, channel, Manifest.from_json(data), sign_key=sign_key, targets=targets)

@@ -229,15 +229,23 @@ class Manifest:
         )
 
 
+MAX_TARGETS = 10_000  # device ids one announcement may name
+
+
 @dataclass(frozen=True)
 class Announcement:
-    """A channel's 'this is the model to run now'. `sequence` only grows per channel."""
+    """A channel's 'this is the model to run now'. `sequence` only grows per channel. `targets`,
+    when given, names the only devices that act on it (a rollout's canaries); None means all."""
 
     channel: str
     sequence: int
     issued_at: float
     manifest: Manifest
     signature: dict[str, Any] | None = None  # filled by signed publishes (see the security issue)
+    targets: tuple[str, ...] | None = None
+
+    def targets_device(self, device_id: str) -> bool:
+        return self.targets is None or device_id in self.targets
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -248,6 +256,8 @@ class Announcement:
             "issued_at": self.issued_at,
             "manifest": self.manifest.to_json(),
         }
+        if self.targets is not None:  # absent, not null: older agents' payloads stay as they were
+            d["targets"] = list(self.targets)
         if self.signature is not None:
             d["signature"] = self.signature
         return d
@@ -265,7 +275,16 @@ class Announcement:
             issued_at=_num(obj, "issued_at"),
             manifest=Manifest.from_json(obj.get("manifest")),
             signature=obj.get("signature"),
+            targets=_targets(obj.get("targets")),
         )
+
+
+def _targets(raw: Any) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) > MAX_TARGETS:
+        raise ProtocolError(f"announcement.targets must be a list of at most {MAX_TARGETS} device ids")
+    return tuple(check_name("announcement.targets[]", t) for t in raw)
 
 
 MAX_HDR_CHARS = 64 * 1024  # an interval's encoded histogram is a few hundred bytes

@@ -68,11 +68,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         return value
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: must be a list")
-        (item,) = typing.get_args(tp)[:1]
-        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (list, tuple, dict):
+        return _container(origin, typing.get_args(tp), value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a table")
@@ -86,6 +83,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: must be {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _container(origin: Any, args: tuple[Any, ...], value: Any, key: str) -> Any:
+    """A list (of args[0]) or a table of names to args[1]."""
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a table")
+        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be a list")
+    return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
 
 
 def positive(key: str, value: float) -> None:

@@ -1,7 +1,9 @@
 """Announcements from the channel, on the coordinator thread: decoded and checked (topic, channel,
 signature), then sequenced. A device acts on an announcement only if its sequence is newer than
 the last one it handled on that channel: a replayed or reordered one is rejected as stale, a
-redelivered one ignored. While the device is pinned, the newest is deferred until `agent unpin`."""
+redelivered one ignored. While the device is pinned, the newest is deferred until `agent unpin`.
+An announcement whose `targets` leave this device out (a rollout's canaries) is not acted on: its
+sequence is taken and a `not_targeted` event says so, and nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -73,6 +75,9 @@ class Announcements:
     def handle(self, ann: Announcement) -> None:
         mark = f"seq:{ann.channel}"
         last = self.store.mark(mark)
+        if not ann.targets_device(self.cfg.device_id):
+            self._not_targeted(ann, mark, last)
+            return
         pinned = self.activation.pinned
         if pinned and (last if last is not None else -1) < ann.sequence:
             self.store.set_mark(self._deferred_mark, ann.to_json())
@@ -93,6 +98,19 @@ class Announcements:
         why = f"announced on {ann.channel} (sequence {ann.sequence})"
         rec = self.reporter.record(ann.manifest, ann.channel, ann.sequence, "channel", why, mark=(mark, ann.sequence))
         self.scheduler.schedule(Candidate(rec.id, ann.manifest, "channel"))
+
+    def _not_targeted(self, ann: Announcement, mark: str, last: int | None) -> None:
+        """Once per sequence (a retained announcement comes again on each reconnect)."""
+        if last is not None and ann.sequence <= last:
+            return
+        self.store.set_mark(mark, ann.sequence)
+        targets = ann.targets or ()
+        self.reporter.emit(
+            "not_targeted",
+            version=ann.manifest.version,
+            sequence=ann.sequence,
+            reason=f"announced on {ann.channel} for {len(targets)} other device(s) only",
+        )
 
     @property
     def _deferred_mark(self) -> str:

@@ -1,0 +1,137 @@
+"""Staged rollouts end to end on real services: three agents on one channel, `fleet collect`
+driving the rollouts. A canary that rejects the model halts the rollout and nobody else downloads
+it; a clean canary is promoted after its soak, also by a collector restarted mid-soak; `fleet
+halt` and `fleet promote` by hand; a device group as the canaries, from the Python API."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud import Fleet as FleetAPI
+from scripts.loopback.services import stop
+from tests.conftest import Fleet, mlp, wait_for
+
+pytestmark = pytest.mark.integration
+
+DEVICES = ("go2-01", "go2-02", "go2-03")
+SMALL = (48, 64, 12)
+
+
+def three_on_v1(fleet: Fleet, tmp_path: Path) -> dict[str, Path]:
+    """The collector, three agents, and v1 active on all of them."""
+    fleet.start_collector()
+    cfgs = {d: fleet.agent_config(d) for d in DEVICES}
+    for cfg in cfgs.values():
+        fleet.start_agent(cfg)
+    fleet.publish(mlp(tmp_path / "v1.onnx", SMALL, seed=1), "v1")
+    for cfg in cfgs.values():
+        fleet.wait_active(cfg, "v1")
+    return cfgs
+
+
+def rollouts(fleet: Fleet) -> dict[str, dict[str, Any]]:
+    return {r["id"]: r for r in json.loads(fleet.fleet("rollouts", "--json").stdout)}
+
+
+def wait_state(fleet: Fleet, rollout: str, state: str, timeout: float = 30) -> dict[str, Any]:
+    return wait_for(
+        lambda: (r := rollouts(fleet).get(rollout)) and r["state"] == state and r, timeout, f"{rollout} {state}"
+    )
+
+
+def model_events(fleet: Fleet, device: str, version: str) -> list[dict[str, Any]]:
+    return [e for e in fleet.events(device) if e["kind"] == "model_state" and e.get("version") == version]
+
+
+def assert_never_received(fleet: Fleet, cfg: Path, device: str, version: str) -> None:
+    """Not downloaded, not recorded, not active: only the not_targeted event names it."""
+    assert model_events(fleet, device, version) == []
+    status = fleet.status(cfg)
+    assert status["active"]["version"] != version and (status["last_rejected"] or {}).get("version") != version
+    assert [e["version"] for e in fleet.events(device) if e["kind"] == "not_targeted"].count(version) == 1
+
+
+def test_a_canary_that_rejects_halts_the_rollout(fleet: Fleet, tmp_path: Path) -> None:
+    cfgs = three_on_v1(fleet, tmp_path)
+    out = fleet.publish(mlp(tmp_path / "v2.onnx", SMALL, seed=2, nan=True), "v2", "--canary", "go2-01", "--soak", "2s")
+    assert out["rollout"] == f"{fleet.channel}-v2" and out["targets"] == ["go2-01"]
+    fleet.wait_rejected(cfgs["go2-01"], "v2")
+    halted = wait_state(fleet, out["rollout"], "halted")
+    assert halted["reason"].startswith("canary go2-01 rejected: "), halted
+    assert halted["reason"].endswith("; canaries told to roll back to v1"), halted
+    assert halted["observed"]["go2-01"]["failed"].startswith("rejected: ")
+    gate_reason = fleet.status(cfgs["go2-01"])["last_rejected"]["reason"]
+    assert gate_reason in halted["reason"]
+    text = fleet.fleet("rollouts").stdout
+    assert "halted" in text and "canary go2-01 rejected" in text
+
+    # The canaries' rollback (targeted at go2-01) reaches the others only as one more not_targeted.
+    wait_for(lambda: len([e for e in fleet.events("go2-02") if e["kind"] == "not_targeted"]) == 2, 15, "rollback")
+    fleet.wait_active(cfgs["go2-01"], "v1")
+    for device in ("go2-02", "go2-03"):
+        assert_never_received(fleet, cfgs[device], device, "v2")
+        assert fleet.status(cfgs[device])["active"]["version"] == "v1"
+        (skipped,) = [e for e in fleet.events(device) if e["kind"] == "not_targeted" and e["version"] == "v2"]
+        assert "for 1 other device(s) only" in skipped["reason"]
+        assert not [p for p in (tmp_path / device).rglob("*") if out["manifest"]["sha256"] in p.name]
+
+
+def test_a_clean_canary_is_promoted_after_its_soak_across_a_collector_restart(fleet: Fleet, tmp_path: Path) -> None:
+    cfgs = three_on_v1(fleet, tmp_path)
+    out = fleet.publish(mlp(tmp_path / "v2.onnx", SMALL, seed=2), "v2", "--canary", "go2-02", "--soak", "4s")
+    rollout = out["rollout"]
+    fleet.wait_active(cfgs["go2-02"], "v2")
+    soaking = wait_for(lambda: (r := rollouts(fleet)[rollout])["soak_until"] and r, 15, "the soak to start")
+    assert soaking["state"] == "canary" and soaking["reason"].startswith("every canary runs v2: soaking 4 s")
+
+    assert fleet.collector is not None
+    stop(fleet.collector)  # mid-soak; the deadline is in the database
+    time.sleep(max(0.0, soaking["soak_until"] - time.time()) + 1)
+    assert rollouts(fleet)[rollout]["state"] == "canary"  # nobody drives it while the collector is down
+    for device in ("go2-01", "go2-03"):
+        assert fleet.status(cfgs[device])["active"]["version"] == "v1"
+    fleet.start_collector()
+    promoted = wait_state(fleet, rollout, "promoted")
+    assert promoted["updated_at"] >= soaking["soak_until"]
+    assert "without a rejection or rollback" in promoted["reason"]
+    for cfg in cfgs.values():
+        fleet.wait_active(cfg, "v2")
+    assert_never_received_before_promotion(fleet, "go2-01", promoted["updated_at"])
+
+
+def assert_never_received_before_promotion(fleet: Fleet, device: str, promoted_at: float) -> None:
+    first = min(e["received"] for e in model_events(fleet, device, "v2"))
+    assert first >= promoted_at - 1, (first, promoted_at)
+
+
+def test_halt_and_promote_by_hand_and_a_device_group(fleet: Fleet, tmp_path: Path) -> None:
+    cfgs = three_on_v1(fleet, tmp_path)
+    fleet.fleet_cfg.write_text(fleet.fleet_cfg.read_text() + '[device_groups]\nlab-a = ["go2-01", "go2-02"]\n')
+    out = fleet.publish(mlp(tmp_path / "v2.onnx", SMALL, seed=2), "v2", "--canary", "go2-01", "--soak", "1h")
+    fleet.wait_active(cfgs["go2-01"], "v2")
+    halted = fleet.fleet("halt", out["rollout"]).stdout
+    assert "halted by hand (fleet halt); canaries told to roll back to v1" in halted
+    fleet.wait_active(cfgs["go2-01"], "v1")
+    assert rollouts(fleet)[out["rollout"]]["state"] == "halted"
+    again = fleet.fleet("promote", out["rollout"], check=False)
+    assert again.returncode != 0 and "is halted, not canary" in again.stderr
+
+    api = FleetAPI.from_config(fleet.fleet_cfg)
+    ann = api.publish(mlp(tmp_path / "v3.onnx", SMALL, seed=3), channel=fleet.channel, version="v3", target="lab-a")
+    assert ann.targets == ("go2-01", "go2-02") and api.rollout == f"{fleet.channel}-v3"
+    for device in ("go2-01", "go2-02"):
+        fleet.wait_active(cfgs[device], "v3")
+    assert rollouts(fleet)[api.rollout]["soak_s"] == 600  # the default soak: no promotion yet
+    assert fleet.status(cfgs["go2-03"])["active"]["version"] == "v1"
+    assert "promoted by hand (fleet promote)" in fleet.fleet("promote", api.rollout).stdout
+    fleet.wait_active(cfgs["go2-03"], "v3")
+    missing = fleet.fleet("halt", "walk-v9", check=False)
+    assert missing.returncode != 0 and "no rollout 'walk-v9'" in missing.stderr
+    v4 = str(mlp(tmp_path / "v4.onnx", SMALL, seed=4))
+    unknown = fleet.fleet("publish", v4, "--channel", fleet.channel, "--target", "x", check=False)
+    assert unknown.returncode != 0 and "no device group 'x'" in unknown.stderr and "lab-a" in unknown.stderr
