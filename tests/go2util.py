@@ -56,11 +56,12 @@ def go2_section(
     lockstep: bool = True,
     gate: bool = True,
     command: str = "[0.5, 0.0, 0.0]",
+    hold_s: float = 0.5,
     extra: str = "",
 ) -> str:
     return (
         f'[go2]\ndomain = {domain}\ninterface = "lo"\nsimulated = true\nlockstep = {str(lockstep).lower()}\n'
-        f"command = {command}\nhold_s = 0.5\n{extra}"
+        f"command = {command}\nhold_s = {hold_s}\n{extra}"
         f'[go2.sim_gate]\nenabled = {str(gate).lower()}\nmjcf = "{data / "mjcf" / "scene_flat.xml"}"\n'
     )
 

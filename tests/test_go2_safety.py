@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from tests.go2util import (
     need_stack,
     variant,
     wait_mode,
+    wait_trace,
 )
 from tests.test_go2_walk import start_controller, start_sim
 
@@ -30,10 +32,17 @@ pytestmark = pytest.mark.integration
 
 
 def _walking(
-    fleet: Fleet, tmp_path: Path, *, lockstep: bool = True, sim_args: tuple[str, ...] = (), extra: str = ""
+    fleet: Fleet,
+    tmp_path: Path,
+    *,
+    lockstep: bool = True,
+    sim_args: tuple[str, ...] = (),
+    extra: str = "",
+    hold_s: float = 0.5,
 ) -> Path:
     data = go2_data()
-    cfg = fleet.agent_config(extra=go2_section(dds_domain(), data, lockstep=lockstep, gate=False, extra=extra))
+    section = go2_section(dds_domain(), data, lockstep=lockstep, gate=False, hold_s=hold_s, extra=extra)
+    cfg = fleet.agent_config(extra=section)
     fleet.start_agent(cfg)
     model = variant(data / "policy" / "robot_lab.onnx", tmp_path / "v1.onnx", "v1")
     fleet.publish(model, "v1", "--deploy-config", str(PRESETS / "robot_lab.toml"))
@@ -65,6 +74,40 @@ def test_agent_gone_holds_then_damps(fleet: Fleet, tmp_path: Path) -> None:
     print(f"\nhold: {hold['reason']}\ndamp after {held:.2f} s simulated: {damp['reason']}")
     assert "inference failed" in hold["reason"]
     assert damp["tick"] - hold["tick"] == pytest.approx(0.5 * 500, abs=12)  # hold_s = 0.5 in sim time
+
+
+def test_agent_killed_holds_then_walks_on_when_it_is_back(fleet: Fleet, tmp_path: Path) -> None:
+    """The agent dies by SIGKILL (its serving process with it) and starts again: the controller
+    holds the stance meanwhile, then walks on with the model the agent restores, never damps or
+    falls (hold_s long enough for the restart: on the robot, RestartSec=5s; a shorter hold_s damps,
+    as test_agent_gone_holds_then_damps shows)."""
+    need_stack()
+    cfg = _walking(fleet, tmp_path, hold_s=120.0)
+    arm(cfg)
+    wait_mode(cfg, "walk", 120)
+    stop(fleet.procs[0], signal.SIGKILL)  # the agent: the first process _walking started
+    hold = wait_mode(cfg, "hold", 60)
+    killed = time.monotonic()
+    fleet.start_agent(cfg)
+
+    def walking_again() -> dict[str, Any] | None:
+        events = controller_status(cfg).get("events", [])
+        return next((e for e in events if e["kind"] == "mode" and e["tick"] > hold["tick"]), None)
+
+    after = wait_for(walking_again, 60, "the controller's next mode after the hold")
+    back_s = time.monotonic() - killed
+    rows = wait_trace(tmp_path / "trace.jsonl", after["tick"] + 1000, 120)  # 2 s simulated on
+    window = [r for r in rows if hold["tick"] - 250 <= r["tick"] <= after["tick"] + 1000]
+    lowest = min(r["z"] for r in window)
+    walked = window[-1]["x"] - next(r["x"] for r in window if r["tick"] >= after["tick"])
+    print(
+        f"\nagent killed: hold ({hold['reason']}); {after['mode']} again {back_s:.1f} s later "
+        f"({(after['tick'] - hold['tick']) / 500:.2f} s simulated): {after['reason']}; lowest base "
+        f"{lowest:.3f} m, {walked:.2f} m in the next 2 s simulated"
+    )
+    assert after["mode"] == "walk" and after["reason"] == "good actions again"
+    assert lowest >= 0.2 and walked > 0.3
+    assert controller_status(cfg)["mode"] == "walk"
 
 
 def test_stale_lowstate_damps_and_sigterm_is_clean(fleet: Fleet, tmp_path: Path) -> None:
