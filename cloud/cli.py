@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     _since(c)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare)
+    c = sub.add_parser("serve", help="the dashboard in the browser, over the collector's database (long-running)")
+    c.add_argument("--listen", metavar="HOST:PORT", help="default: [serve] listen, 127.0.0.1:8080")
+    c.set_defaults(func=cmd_serve)
     accept_everywhere(p, global_options("TOML config (default: $FLEET_CONFIG, then ./fleet.toml)"))
     return p
 
@@ -242,6 +245,23 @@ def cmd_collect(cfg: FleetConfig, _args: argparse.Namespace) -> int:
     from cloud.collect import Collector
 
     return Collector(cfg).run()
+
+
+def cmd_serve(cfg: FleetConfig, args: argparse.Namespace) -> int:
+    from cloud.dashboard.listen import check_listen
+
+    host, port = check_listen(args.listen or cfg.serve.listen, cfg.serve.allow_remote)
+    _db(cfg).close()  # fails early, and plainly, when there is no database yet
+    try:
+        import uvicorn
+
+        from cloud.dashboard.app import create_app
+    except ImportError as err:
+        raise AgentError(f"fleet serve needs the cloud extra ({err.name}): pip install 'edge-agent[cloud]'") from None
+    app = create_app(cfg)
+    print(f"fleet: the dashboard is at http://{host}:{port}/", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0
 
 
 def _db(cfg: FleetConfig) -> Any:

@@ -73,10 +73,40 @@ class FleetCollector:
 
 
 @dataclass
+class FleetServe:
+    """`fleet serve`: the dashboard. Read-only unless a token is set; actions need the token."""
+
+    listen: str = "127.0.0.1:8080"
+    allow_remote: bool = False  # a non-loopback `listen` is refused unless this says so
+    token: str | None = None
+    token_file: Path | None = None
+    sign_key: Path | None = None  # signs the announcements the dashboard's actions send
+
+    def check(self) -> None:
+        if self.token is not None and self.token_file is not None:
+            raise ConfigError("serve.token and serve.token_file: set one of them, not both")
+        if self.token is not None and len(self.token) < 16:
+            raise ConfigError("serve.token: must be at least 16 characters")
+
+    def secret(self) -> str | None:
+        """The token, read from token_file when that is the one set; None: every action is refused."""
+        if self.token_file is None:
+            return self.token
+        try:
+            text = self.token_file.read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"serve.token_file: cannot read {self.token_file}: {err.strerror or err}") from err
+        if len(text) < 16:
+            raise ConfigError(f"serve.token_file: {self.token_file} must hold at least 16 characters")
+        return text
+
+
+@dataclass
 class FleetConfig:
     s3: FleetS3
     mqtt: FleetMqtt = field(default_factory=FleetMqtt)
     collector: FleetCollector = field(default_factory=FleetCollector)
+    serve: FleetServe = field(default_factory=FleetServe)
     device_groups: dict[str, list[str]] = field(default_factory=dict)  # name -> device ids (--target)
 
     def check(self) -> None:

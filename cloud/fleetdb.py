@@ -77,6 +77,23 @@ class FleetDB:
             self.db.close()
             raise ConfigError(f"{path} is not a collector database ({err}): check [collector] db") from err
 
+    @classmethod
+    def read_only(cls, path: Path) -> FleetDB:
+        """A reader beside a writing collector (the database is in WAL mode): it never writes, nor
+        creates the file; ConfigError when there is none."""
+        self = cls.__new__(cls)
+        try:
+            self.db = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+            self.db.execute("SELECT 1 FROM devices LIMIT 1")
+        except sqlite3.Error as err:
+            raise ConfigError(
+                f"cannot read the collector database {path} ({err}): is `fleet collect` running?"
+            ) from err
+        self.transaction = Transactions(self.db)
+        return self
+
     def close(self) -> None:
         self.db.close()
 
@@ -174,22 +191,28 @@ class FleetDB:
     def delete_telemetry(self, before: float) -> int:
         return int(self.db.execute("DELETE FROM telemetry WHERE ts < ?", (before,)).rowcount)
 
-    def devices(self) -> list[dict[str, Any]]:
+    def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        where, args = _where(("device_id = ?", device_id))
         rows = self.db.execute(
-            "SELECT device_id, online, status, telemetry, last_seen FROM devices ORDER BY device_id"
+            f"SELECT device_id, online, status, telemetry, last_seen FROM devices{where} ORDER BY device_id", args
         ).fetchall()
         return [_device_row(*r) for r in rows]
 
-    def events(self, device_id: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-        q = "SELECT payload, received FROM events"
-        args: list[Any] = []
-        if device_id:
-            q += " WHERE device_id=?"
-            args.append(device_id)
-        q += " ORDER BY ts DESC LIMIT ?"
-        args.append(limit)
-        rows = self.db.execute(q, args).fetchall()
-        return [{**json.loads(p), "received": r} for p, r in reversed(rows)]
+    def events(
+        self, device_id: str | None = None, limit: int = 200, version: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest `limit` events (of `device_id`, about `version`), oldest first."""
+        where, args = _where(("device_id = ?", device_id or None))
+        cur = self.db.execute(f"SELECT payload, received FROM events{where} ORDER BY ts DESC", args)
+        found: list[dict[str, Any]] = []
+        for payload, received in cur:  # the version is inside the payload: filtered here, portably
+            event = json.loads(payload)
+            if version is None or event.get("version") == version:
+                found.append({**event, "received": received})
+                if len(found) >= limit:
+                    break
+        cur.close()
+        return found[::-1]
 
 
 def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
@@ -214,5 +237,7 @@ def _device_row(device_id: str, online: int, status: str, telemetry: str, last_s
         "latency_p50_us": t.get("p50_us"),
         "latency_p99_us": t.get("p99_us"),
         "latency_count": t.get("count"),
+        "pending": s.get("pending"),
+        "last_rejected": s.get("last_rejected"),
         "last_seen": last_seen,
     }

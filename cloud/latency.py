@@ -157,11 +157,16 @@ def series(rows: Iterable[LatencyRow], bin_s: float) -> dict[str, list[tuple[flo
     percentiles of each `bin_s` slice of time, by the rows' start: for plotting."""
     rows = list(rows)
     several_channels = len({r.channel for r in rows}) > 1
-    bins: dict[str, dict[float, list[LatencyRow]]] = defaultdict(lambda: defaultdict(list))
+    per_version: dict[str, list[LatencyRow]] = defaultdict(list)
     for r in rows:
         name = f"{r.channel}/{r.version}" if several_channels else r.version
-        bins[name or "-"][r.start - r.start % bin_s].append(r)
-    return {
-        name: [(t + bin_s / 2, Percentiles.of_rows(rs)) for t, rs in sorted(per_bin.items())]
-        for name, per_bin in sorted(bins.items())
-    }
+        per_version[name or "-"].append(r)
+    return {name: timeline(version_rows, bin_s) for name, version_rows in sorted(per_version.items())}
+
+
+def timeline(rows: Iterable[LatencyRow], bin_s: float) -> list[tuple[float, Percentiles]]:
+    """The merged percentiles of each `bin_s` slice of time (by the rows' start), at its middle."""
+    bins: dict[float, list[LatencyRow]] = defaultdict(list)
+    for r in rows:
+        bins[r.start - r.start % bin_s].append(r)
+    return [(t + bin_s / 2, Percentiles.of_rows(rs)) for t, rs in sorted(bins.items())]

@@ -2,12 +2,14 @@
 """The newcomer's demo (run it through scripts/demo, which installs what is missing first).
 
 Starts, on loopback and free ports: mosquitto, an S3 endpoint (moto's server), `fleet collect`,
-`agent run`, and a controller-shaped client calling the agent at 200 Hz. Then publishes v1, v2 and
-a broken v3 (it returns NaN), and shows `agent status`, `fleet status` and `fleet events`.
-Everything lives in .demo/ and is stopped at the end."""
+`agent run`, `fleet serve` (the dashboard) and a controller-shaped client calling the agent at 200 Hz.
+Then publishes v1, v2 and a broken v3 (it returns NaN), and shows `agent status`, `fleet status` and
+`fleet events`.
+Everything lives in .demo/ and is stopped at the end (`--stay`: after Ctrl-C, to look at the dashboard)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,8 +25,10 @@ from loopback.services import (
     Mosquitto,
     MotoS3,
     bin_path,
+    free_port,
     s3_env,
     stop,
+    wait_port,
     write_agent_config,
     write_fleet_config,
 )
@@ -93,8 +97,16 @@ def main() -> int:
         procs.append(spawn([*agent, "run"], "agent.log"))
         wait("the agent", (WORK / "run" / "control.sock").exists, 30)
         print(f"configs: {agent_cfg}, {fleet_cfg}; logs in {WORK}")
+        dashboard = serve(fleet, procs)
 
-        return scenario(agent, fleet, procs)
+        code = scenario(agent, fleet, procs)
+        if "--stay" in sys.argv[1:]:
+            print(f"\nthe dashboard stays at {dashboard}; Ctrl-C stops everything", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+        else:
+            print(f"\nthe dashboard was at {dashboard} (`scripts/demo --stay` keeps it up)")
+        return code
     finally:
         for p in reversed(procs):
             stop(p)
@@ -157,6 +169,18 @@ def scenario(agent: list[str], fleet: list[str], procs: list[subprocess.Popen[by
     ok = seen["failed"] == 0 and status(agent)["active"]["version"] == "v2"
     say("demo " + ("done: v2 active, v3 rejected, no failed call" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+def serve(fleet: list[str], procs: list[subprocess.Popen[bytes]]) -> str:
+    """`fleet serve` on a free loopback port; its address."""
+    say("the dashboard (`fleet serve`)")
+    wait("the collector's database", (WORK / "fleet.db").exists, 30)
+    port = free_port()
+    procs.append(spawn([*fleet, "serve", "--listen", f"127.0.0.1:{port}"], "serve.log"))
+    wait_port(port, 30)
+    url = f"http://127.0.0.1:{port}/"
+    print(f"dashboard: {url}  (JSON: {url}api/devices, {url}api/events, {url}api/latency, {url}api/rollouts)")
+    return url
 
 
 def spawn(args: list[str], log: str) -> subprocess.Popen[bytes]:
