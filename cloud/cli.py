@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_keygen)
     c = sub.add_parser("collect", help="store device status, events and telemetry (long-running)")
     c.set_defaults(func=cmd_collect)
+    _view_commands(sub)
+    accept_everywhere(p, global_options("TOML config (default: $FLEET_CONFIG, then ./fleet.toml)"))
+    return p
+
+
+def _view_commands(sub: Any) -> None:
+    """What reads the collector's database: status, events, latency, compare, the dashboard."""
     c = sub.add_parser("status", help="one row per device")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_status)
@@ -82,8 +89,6 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("serve", help="the dashboard in the browser, over the collector's database (long-running)")
     c.add_argument("--listen", metavar="HOST:PORT", help="default: [serve] listen, 127.0.0.1:8080")
     c.set_defaults(func=cmd_serve)
-    accept_everywhere(p, global_options("TOML config (default: $FLEET_CONFIG, then ./fleet.toml)"))
-    return p
 
 
 def _staged_options(c: argparse.ArgumentParser) -> None:

@@ -166,6 +166,8 @@ def scenario(agent: list[str], fleet: list[str], procs: list[subprocess.Popen[by
     say("in the cloud")
     sh(*fleet, "status")
     sh(*fleet, "events")
+    sh(*fleet, "latency")  # from the merged histograms the collector kept: v1 and v2
+    sh(*fleet, "compare", "v1", "v2")
     ok = seen["failed"] == 0 and status(agent)["active"]["version"] == "v2"
     say("demo " + ("done: v2 active, v3 rejected, no failed call" if ok else "FAILED"))
     return 0 if ok else 1

@@ -43,6 +43,20 @@ def test_state_survives_reopen_and_readonly_readers(tmp_path: Path) -> None:
     assert again.mark("seq:walk") == 3
 
 
+def test_old_finished_models_without_files_are_forgotten(tmp_path: Path) -> None:
+    """A robot that swaps every night for years keeps a bounded history: beyond the newest `keep`,
+    finished models whose files are gone go, with their transitions; one still stored stays."""
+    store = Store(tmp_path)
+    recs = [store.add(manifest(version=f"v{i}", sha256=f"{i:064x}"), "walk", i, "channel", "x") for i in range(8)]
+    for rec in recs[:6]:
+        store.set_state(rec, ModelState.REJECTED, "bad")
+    assert store.forget_old(keep=3, stored={recs[1].sha256}) == 4  # ids 1..5 are old; v1 is still stored
+    left = [r.version for r in store.history()]
+    assert left == ["v7", "v6", "v5", "v1"]
+    orphans = store.db.execute("SELECT COUNT(*) FROM transitions WHERE model_id NOT IN (SELECT id FROM models)")
+    assert orphans.fetchone()[0] == 0
+
+
 def test_outbox_is_bounded_and_ordered(tmp_path: Path) -> None:
     store = Store(tmp_path)
     dropped = [store.outbox_put("t", str(i).encode(), max_rows=3) for i in range(5)]

@@ -22,6 +22,7 @@ from agent.coordinator.store import ModelRecord, Store
 from agent.engines import Backend, engine_key, key_precision
 from agent.errors import AgentError, HandOverRefused, ServingFailed
 from agent.proc import crashpoints, durable
+from agent.proc.memory import release_free_memory
 from agent.serving.server import InferenceServer, ServedModel, SwapStats
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ IDLE_CHECK_S = 0.5
 RESTART_EVERY_S = 5.0
 PIN_MARK = "pin"
 WATCH_MARK = "watch"  # {record_id, previous_id} while a watch runs: a restart resumes it
+HISTORY_KEPT = 500  # models `agent models` remembers; older finished ones without files are forgotten
 
 
 @dataclass(frozen=True)
@@ -446,3 +448,5 @@ class Activation:
                     removed += 1
         if removed:
             log.info("removed %d stored files beyond the last %d models", removed, self.cfg.watch.keep_models)
+        self.store.forget_old(HISTORY_KEPT, keep)
+        release_free_memory()

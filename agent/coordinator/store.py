@@ -204,6 +204,22 @@ class Store:
                 (key, json.dumps(value)),
             )
 
+    def forget_old(self, keep: int, stored: set[str]) -> int:
+        """Forget the models beyond the newest `keep` whose story is over (retired, rejected, rolled
+        back) and whose files are gone, with their transitions: the database stays bounded however
+        many swaps a robot sees. Returns how many were forgotten."""
+        over = (ModelState.RETIRED.value, ModelState.REJECTED.value, ModelState.ROLLED_BACK.value)
+        rows = self.db.execute(
+            "SELECT id, sha256 FROM models WHERE state IN (?,?,?) AND id <= (SELECT MAX(id) FROM models) - ?",
+            (*over, keep),
+        ).fetchall()
+        ids = [(int(i),) for i, sha in rows if sha not in stored]
+        if ids:
+            with self.transaction():
+                self.db.executemany("DELETE FROM transitions WHERE model_id=?", ids)
+                self.db.executemany("DELETE FROM models WHERE id=?", ids)
+        return len(ids)
+
     # -- outbox ----------------------------------------------------------------------------------
     def outbox_put(self, topic: str, payload: bytes, max_rows: int) -> int:
         """Queue a message; drops the oldest beyond `max_rows`. Returns how many were dropped."""

@@ -142,11 +142,11 @@ def _short_of_space(folder: Path, onnx_path: Path) -> bool:
 
 def _remove_parts(engine_path: Path) -> None:
     """What a killed child was writing (agent.engines.tensorrt names its own `.<key>.<pid>.<id>.part`)."""
-    for part in [
-        engine_path.with_name(engine_path.name + ".part"),
-        *engine_path.parent.glob(f".{engine_path.name}.*.part"),
-    ]:
-        part.unlink(missing_ok=True)
+    engine_path.with_name(engine_path.name + ".part").unlink(missing_ok=True)
+    prefix = f".{engine_path.name}."  # a prefix test, not a glob: each glob pattern is compiled and cached
+    for part in engine_path.parent.iterdir():
+        if part.name.startswith(prefix) and part.name.endswith(".part"):
+            part.unlink(missing_ok=True)
 
 
 def _watch(

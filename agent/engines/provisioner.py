@@ -4,12 +4,13 @@ through callbacks only (the coordinator owns every state change)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class Provisioner:
         self.refused = RefusedShares(refused_file or engines_dir.parent / "cache" / "refused-shared-engines.json")
         self._built: set[str] = set()  # keys built here and not yet settled
         self._leases: set[str] = set()
-        self._key_locks: dict[str, threading.Lock] = {}
+        self._key_locks: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, holders and waiters)
         self._guard = threading.Lock()
 
     def engine_path(self, key: str) -> Path:
@@ -74,12 +75,26 @@ class Provisioner:
         it in the cache), never into each other's file."""
         precision = precision or self.backend.precisions()[0]
         key = engine_key(model_sha256, self.backend, precision)
-        with self._lock(key):
+        with self._locked(key):
             return self._obtain(key, precision, model_path, hooks)
 
-    def _lock(self, key: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """The key's lock, kept only while someone holds or waits for it (a daemon that swaps
+        every night for a year would otherwise keep one per model)."""
         with self._guard:
-            return self._key_locks.setdefault(key, threading.Lock())
+            lock, users = self._key_locks.get(key, (threading.Lock(), 0))
+            self._key_locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                _, holders = self._key_locks[key]
+                if holders == 1:
+                    del self._key_locks[key]
+                else:
+                    self._key_locks[key] = (lock, holders - 1)
 
     def _obtain(self, key: str, precision: str, model_path: Path, hooks: Hooks) -> Obtained:
         path = self.engine_path(key)
@@ -101,7 +116,7 @@ class Provisioner:
         built again here, once. A shared one is refused for good (this key is never fetched again)."""
         if got.source == "shared":
             self.refused.add(got.key)
-        with self._lock(got.key):
+        with self._locked(got.key):
             cache.discard(self.engine_path(got.key))
             return self._build(got.key, got.precision, model_path, hooks)
 
