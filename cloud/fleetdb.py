@@ -73,12 +73,24 @@ class FleetDB:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(_SCHEMA)
             self.transaction = Transactions(self.db)
+            self._telemetry_key()
         except sqlite3.Error as err:
             self.db.close()
             raise ConfigError(f"{path} is not a collector database ({err}): check [collector] db") from err
 
     def close(self) -> None:
         self.db.close()
+
+    def _telemetry_key(self) -> None:
+        """A telemetry message is stored once (QoS 1 may deliver it again): a database from before
+        the unique key drops its duplicates first."""
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='telemetry_key'").fetchone():
+            return
+        with self.transaction():
+            self.db.execute(
+                "DELETE FROM telemetry WHERE id NOT IN (SELECT MIN(id) FROM telemetry GROUP BY device_id, ts)"
+            )
+            self.db.execute("CREATE UNIQUE INDEX telemetry_key ON telemetry (device_id, ts)")
 
     def _touch(self, device_id: str) -> None:
         self.db.execute(
@@ -103,7 +115,8 @@ class FleetDB:
         with self.transaction():
             self._touch(device_id)
             cur = self.db.execute(
-                "INSERT OR IGNORE INTO events (id, device_id, kind, ts, received, payload) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO events (id, device_id, kind, ts, received, payload) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT DO NOTHING",
                 (
                     str(event["id"]),
                     device_id,
@@ -123,7 +136,7 @@ class FleetDB:
         with self.transaction():
             self._touch(device_id)
             self.db.execute(
-                "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?)",
+                "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 (device_id, float(report.get("ts", 0)), summary),
             )
             self.db.execute("UPDATE devices SET telemetry=? WHERE device_id=?", (summary, device_id))
