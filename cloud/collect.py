@@ -75,7 +75,8 @@ class Collector:
                 break
         self.closing = True
         self.writer.stop()  # stores and acknowledges what was queued
-        log.info("stopped: %d messages stored, %d ignored", self.writer.stored, self.writer.ignored)
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.writer.stored.items()))
+        log.info("stopped; stored: %s; ignored: %d", counts or "nothing", self.writer.ignored)
         self.client.disconnect()
         self.client.loop_stop()
         self.db.close()

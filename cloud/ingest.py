@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,13 +59,15 @@ def parse(topics: Topics, topic: str, payload: bytes) -> Parsed:
     return Parsed(device_id, kind, report, histograms)
 
 
-def store(db: FleetDB, p: Parsed) -> None:
+def store(db: FleetDB, p: Parsed) -> bool:
+    """False for an event stored before (a QoS 1 duplicate)."""
     if p.kind == "status":
         db.put_status(p.device_id, p.body)
     elif p.kind == "events":
-        db.put_event(p.device_id, p.body)
+        return db.put_event(p.device_id, p.body)
     else:
         db.put_telemetry(p.device_id, p.body, p.histograms)
+    return True
 
 
 class BatchWriter:
@@ -84,7 +87,8 @@ class BatchWriter:
         self.db, self.lock, self.topics, self.ack = db, lock, topics, ack
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.queue: queue.SimpleQueue[Received | None] = queue.SimpleQueue()
-        self.stored = self.ignored = self.batches = 0
+        self.stored: Counter[str] = Counter()  # by kind, and "duplicate" events
+        self.ignored = self.batches = 0
         self._thread = threading.Thread(target=self._run, name="collector-writer", daemon=True)
 
     def start(self) -> None:
@@ -125,15 +129,14 @@ class BatchWriter:
         while True:
             try:
                 with self.lock, self.db.transaction():
-                    for p in parsed:
-                        store(self.db, p)
+                    stored = Counter(p.kind if store(self.db, p) else "duplicate" for p in parsed)
                 break
             except Exception:  # sqlite3's or psycopg's: unacknowledged, so keep trying
                 log.exception("storing a batch of %d messages failed; trying again in %.0f s", len(batch), RETRY_S)
                 time.sleep(RETRY_S)
         for msg in batch:
             self.ack(msg.mid, msg.qos)
-        self.stored += len(parsed)
+        self.stored.update(stored)
         self.batches += 1
 
     def _parse(self, msg: Received) -> Parsed | None:

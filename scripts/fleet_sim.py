@@ -26,9 +26,9 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.contract.mqtt_client import host_port, make_client  # noqa: E402
-from agent.contract.protocol import PROTOCOL_VERSION, Topics, encode, new_event  # noqa: E402
-from agent.serving.telemetry import LatencyRecorder  # noqa: E402
+from agent.contract.mqtt_client import host_port, make_client
+from agent.contract.protocol import PROTOCOL_VERSION, Topics, encode, new_event
+from agent.serving.telemetry import LatencyRecorder
 
 CHANNEL, VERSION = "walk", "v1"
 EVENT_KINDS = ("announce_received", "model_fetched", "activated")
