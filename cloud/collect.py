@@ -39,12 +39,14 @@ class Collector:
         self.db = FleetDB(cfg.collector.db)
         self.lock = threading.Lock()  # one database connection: the writer stores, the main thread prunes
         self.stop_event = threading.Event()
+        self.subscribed = threading.Event()
         self.closing = False  # set once stopping: what arrives after is left unacked, for the next session
         m = cfg.mqtt
         self.client = client_for(m.client_id, m)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *_a: self.subscribed.set()
         c = cfg.collector
         self.writer = BatchWriter(
             self.db, self.lock, self.topics, self.client.ack, max_batch=c.batch_max, max_wait_s=c.batch_wait_s
@@ -55,9 +57,10 @@ class Collector:
     def ignored(self) -> int:
         return self.writer.ignored
 
-    def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+    def run(self, handle_signals: bool = True) -> int:
+        if handle_signals:  # SIGTERM: a clean stop, which stores what was queued
+            signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+            signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         host, port = host_port(self.cfg.mqtt.url)
         props = session_properties(self.cfg.mqtt.session_expiry_s)
         props.ReceiveMaximum = RECEIVE_MAXIMUM
