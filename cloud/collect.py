@@ -36,7 +36,7 @@ class Collector:
     def __init__(self, cfg: FleetConfig) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_prefix)
-        self.db = FleetDB(cfg.collector.db)
+        self.db = FleetDB(cfg.collector.database)
         self.lock = threading.Lock()  # one database connection: the writer stores, the main thread prunes
         self.stop_event = threading.Event()
         self.subscribed = threading.Event()
@@ -67,7 +67,7 @@ class Collector:
         self.writer.start()
         self.client.connect_async(host, port, keepalive=self.cfg.mqtt.keepalive_s, clean_start=False, properties=props)
         self.client.loop_start()
-        log.info("collecting from %s into %s", self.cfg.mqtt.url, self.cfg.collector.db)
+        log.info("collecting from %s into %s", self.cfg.mqtt.url, self.cfg.collector.db.rsplit("@", maxsplit=1)[-1])
         next_prune = time.monotonic()
         while True:
             if time.monotonic() >= next_prune:

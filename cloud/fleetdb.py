@@ -15,7 +15,8 @@ from typing import Any
 
 from agent.contract.protocol import IntervalHistogram
 from agent.contract.sqltx import Transactions
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
+from cloud.pgconn import PgConnection, is_url
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -42,6 +43,11 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE INDEX IF NOT EXISTS rollouts_by_state ON rollouts (state);
 """
 
+# PostgreSQL's spelling of the schema's two SQLite-only types (REAL is 4 bytes there: seconds since
+# 1970 would lose their fraction).
+_PG_TYPES = (("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY"), (" REAL ", " DOUBLE PRECISION "))
+_PG_EXTRA = "CREATE UNIQUE INDEX IF NOT EXISTS telemetry_key ON telemetry (device_id, ts);"
+
 RAW, HOUR = "raw", "hour"  # latency.resolution
 _LATENCY_COLUMNS = "device_id, channel, version, resolution, start_ts, end_ts, calls, hdr"
 
@@ -62,10 +68,18 @@ class LatencyRow:
 
 
 class FleetDB:
-    def __init__(self, path: Path) -> None:
+    """`target`: an SQLite file, or a PostgreSQL URL (postgresql://user@host/db)."""
+
+    def __init__(self, target: Path | str) -> None:
+        if isinstance(target, str) and is_url(target):
+            self._open_pg(target)
+        else:
+            self._open_sqlite(Path(target))
+
+    def _open_sqlite(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db: Any = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as err:
             raise ConfigError(f"cannot open the collector database {path} ({err}): check [collector] db") from err
         try:
@@ -77,6 +91,23 @@ class FleetDB:
         except sqlite3.Error as err:
             self.db.close()
             raise ConfigError(f"{path} is not a collector database ({err}): check [collector] db") from err
+
+    def _open_pg(self, url: str) -> None:
+        shown = url.rsplit("@", maxsplit=1)[-1]  # no password in a message
+        try:
+            self.db = PgConnection(url)
+        except Exception as err:  # psycopg's, or psycopg missing (the `cloud` extra)
+            raise ConfigError(f"cannot open the collector database at {shown} ({err}): check [collector] db") from err
+        schema = _SCHEMA
+        for sqlite_type, pg_type in _PG_TYPES:
+            schema = schema.replace(sqlite_type, pg_type)
+        try:
+            self.db.executescript("SELECT pg_advisory_lock(7411);" + schema + _PG_EXTRA)  # collectors start together
+            self.db.execute("SELECT pg_advisory_unlock(7411)")
+        except self.db.Error as err:
+            self.db.close()
+            raise ConfigError(f"cannot create the collector's tables at {shown} ({err})") from err
+        self.transaction = Transactions(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -203,6 +234,13 @@ class FleetDB:
         args.append(limit)
         rows = self.db.execute(q, args).fetchall()
         return [{**json.loads(p), "received": r} for p, r in reversed(rows)]
+
+
+def open_existing(target: Path | str) -> FleetDB:
+    """The collector's database for a reader (`fleet status`...): an SQLite file must exist."""
+    if not (isinstance(target, str) and is_url(target)) and not Path(target).exists():
+        raise AgentError(f"no collector database at {target}: is `fleet collect` running?")
+    return FleetDB(target)
 
 
 def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
