@@ -165,15 +165,16 @@ def main() -> int:
     p.add_argument("--prefix", default="edge")
     p.add_argument("--devices", type=int, default=100)
     p.add_argument("--connections", type=int, default=4)
-    p.add_argument("--rate", type=float, default=1000.0, help="messages per second, all devices together")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--bench", action="store_true", help="start mosquitto and a collector; print figures")
+    p.add_argument("--name", default="sim", help="device ids are NAME-00000...")
+    p.add_argument("--rate", type=float, default=6000.0, help="messages per second, all devices together")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--bench", action="store_true", help="start mosquitto and collectors; print figures")
     args = p.parse_args()
     if args.bench:
         from scripts.fleet_bench import bench
 
-        return bench(args.rate if args.rate != 1000.0 else 6000.0, args.seconds if args.seconds != 10.0 else 20.0)
-    sim = Simulator(args.url, args.prefix, args.devices, args.connections)
+        return bench(args.rate, args.seconds)
+    sim = Simulator(args.url, args.prefix, args.devices, args.connections, args.name)
     sim.publish_status()
     print("running", flush=True)  # the benchmark's window starts here
     achieved = sim.run(args.rate, args.seconds)
