@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,10 @@ class FleetDB:
 
     def close(self) -> None:
         self.db.close()
+
+    def pipeline(self) -> AbstractContextManager[Any]:
+        """Inside a transaction, for many writes: PostgreSQL's pipeline mode (SQLite has no round trips)."""
+        return self.db.pipeline() if isinstance(self.db, PgConnection) else nullcontext()
 
     def _telemetry_key(self) -> None:
         """A telemetry message is stored once (QoS 1 may deliver it again): a database from before

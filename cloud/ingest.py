@@ -128,7 +128,7 @@ class BatchWriter:
         parsed = [p for p in map(self._parse, batch) if p is not None]
         while True:
             try:
-                with self.lock, self.db.transaction():
+                with self.lock, self.db.transaction(), self.db.pipeline():
                     stored = Counter(p.kind if store(self.db, p) else "duplicate" for p in parsed)
                 break
             except Exception:  # sqlite3's or psycopg's: unacknowledged, so keep trying

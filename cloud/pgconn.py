@@ -6,6 +6,7 @@ DOUBLE PRECISION, no SQLite-only syntax), and the schema's few differences are i
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 URL_SCHEMES = ("postgresql://", "postgres://")
@@ -43,6 +44,11 @@ class PgConnection:
         for statement in script.split(";"):
             if statement.strip():
                 self.execute(statement)
+
+    def pipeline(self) -> AbstractContextManager[Any]:
+        """Statements sent without waiting for each result (one round trip, not one each) until a
+        result is read or the block ends: the collector's batches."""
+        return self.conn.pipeline()
 
     @property
     def in_transaction(self) -> bool:
