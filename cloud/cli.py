@@ -270,11 +270,9 @@ def cmd_serve(cfg: FleetConfig, args: argparse.Namespace) -> int:
 
 
 def _db(cfg: FleetConfig) -> Any:
-    from cloud.fleetdb import FleetDB
+    from cloud.fleetdb import open_existing
 
-    if not cfg.collector.db.exists():
-        raise AgentError(f"no collector database at {cfg.collector.db}: is `fleet collect` running?")
-    return FleetDB(cfg.collector.db)
+    return open_existing(cfg.collector.database)
 
 
 def cmd_status(cfg: FleetConfig, args: argparse.Namespace) -> int:

@@ -45,13 +45,22 @@ class FleetS3:
 
 @dataclass
 class FleetCollector:
-    db: Path = Path("fleet.db")
+    db: str = "fleet.db"  # an SQLite file, or postgresql://user@host/db (see `database`)
     raw_retention: str = "7d"  # each telemetry interval's histogram, as it came
     hourly_retention: str = "90d"  # then merged per device, version and hour
     prune_every: str = "10m"  # how often the collector merges and prunes
+    batch_max: int = 500  # messages stored in one transaction, at most
+    batch_wait: str = "0.1s"  # how long a batch waits for more messages after its first
+    share_group: str | None = None  # collectors with the same group split telemetry and events
 
     def check(self) -> None:
-        for key in ("raw_retention", "hourly_retention", "prune_every"):
+        if not self.db:
+            raise ConfigError("collector.db: must be an SQLite file or a postgresql:// URL")
+        if self.batch_max < 1:
+            raise ConfigError("collector.batch_max: must be at least 1")
+        if self.share_group is not None and (problem := name_problem("collector.share_group", self.share_group)):
+            raise ConfigError(problem)
+        for key in ("raw_retention", "hourly_retention", "prune_every", "batch_wait"):
             try:
                 parse_duration(getattr(self, key))
             except ValueError as err:
@@ -66,6 +75,15 @@ class FleetCollector:
     @property
     def hourly_s(self) -> float:
         return parse_duration(self.hourly_retention)
+
+    @property
+    def database(self) -> Path | str:
+        """The SQLite file (a Path), or the PostgreSQL URL as written."""
+        return self.db if self.db.startswith(("postgresql://", "postgres://")) else Path(self.db)
+
+    @property
+    def batch_wait_s(self) -> float:
+        return parse_duration(self.batch_wait)
 
     @property
     def prune_every_s(self) -> float:

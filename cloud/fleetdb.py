@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.contract.protocol import IntervalHistogram
 from agent.contract.sqltx import Transactions
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
+from cloud.pgconn import PgConnection, is_url
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -42,6 +44,11 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE INDEX IF NOT EXISTS rollouts_by_state ON rollouts (state);
 """
 
+# PostgreSQL's spelling of the schema's two SQLite-only types (REAL is 4 bytes there: seconds since
+# 1970 would lose their fraction).
+_PG_TYPES = (("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY"), (" REAL ", " DOUBLE PRECISION "))
+_PG_EXTRA = "CREATE UNIQUE INDEX IF NOT EXISTS telemetry_key ON telemetry (device_id, ts);"
+
 RAW, HOUR = "raw", "hour"  # latency.resolution
 _LATENCY_COLUMNS = "device_id, channel, version, resolution, start_ts, end_ts, calls, hdr"
 
@@ -62,10 +69,18 @@ class LatencyRow:
 
 
 class FleetDB:
-    def __init__(self, path: Path) -> None:
+    """`target`: an SQLite file, or a PostgreSQL URL (postgresql://user@host/db)."""
+
+    def __init__(self, target: Path | str) -> None:
+        if isinstance(target, str) and is_url(target):
+            self._open_pg(target)
+        else:
+            self._open_sqlite(Path(target))
+
+    def _open_sqlite(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db: Any = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as err:
             raise ConfigError(f"cannot open the collector database {path} ({err}): check [collector] db") from err
         try:
@@ -73,6 +88,7 @@ class FleetDB:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(_SCHEMA)
             self.transaction = Transactions(self.db)
+            self._telemetry_key()
         except sqlite3.Error as err:
             self.db.close()
             raise ConfigError(f"{path} is not a collector database ({err}): check [collector] db") from err
@@ -94,8 +110,40 @@ class FleetDB:
         self.transaction = Transactions(self.db)
         return self
 
+    def _open_pg(self, url: str) -> None:
+        shown = url.rsplit("@", maxsplit=1)[-1]  # no password in a message
+        try:
+            self.db = PgConnection(url)
+        except Exception as err:  # psycopg's, or psycopg missing (the `cloud` extra)
+            raise ConfigError(f"cannot open the collector database at {shown} ({err}): check [collector] db") from err
+        schema = _SCHEMA
+        for sqlite_type, pg_type in _PG_TYPES:
+            schema = schema.replace(sqlite_type, pg_type)
+        try:
+            self.db.executescript("SELECT pg_advisory_lock(7411);" + schema + _PG_EXTRA)  # collectors start together
+            self.db.execute("SELECT pg_advisory_unlock(7411)")
+        except self.db.Error as err:
+            self.db.close()
+            raise ConfigError(f"cannot create the collector's tables at {shown} ({err})") from err
+        self.transaction = Transactions(self.db)
+
     def close(self) -> None:
         self.db.close()
+
+    def pipeline(self) -> AbstractContextManager[Any]:
+        """Inside a transaction, for many writes: PostgreSQL's pipeline mode (SQLite has no round trips)."""
+        return self.db.pipeline() if isinstance(self.db, PgConnection) else nullcontext()
+
+    def _telemetry_key(self) -> None:
+        """A telemetry message is stored once (QoS 1 may deliver it again): a database from before
+        the unique key drops its duplicates first."""
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='telemetry_key'").fetchone():
+            return
+        with self.transaction():
+            self.db.execute(
+                "DELETE FROM telemetry WHERE id NOT IN (SELECT MIN(id) FROM telemetry GROUP BY device_id, ts)"
+            )
+            self.db.execute("CREATE UNIQUE INDEX telemetry_key ON telemetry (device_id, ts)")
 
     def _touch(self, device_id: str) -> None:
         self.db.execute(
@@ -120,7 +168,8 @@ class FleetDB:
         with self.transaction():
             self._touch(device_id)
             cur = self.db.execute(
-                "INSERT OR IGNORE INTO events (id, device_id, kind, ts, received, payload) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO events (id, device_id, kind, ts, received, payload) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT DO NOTHING",
                 (
                     str(event["id"]),
                     device_id,
@@ -140,7 +189,7 @@ class FleetDB:
         with self.transaction():
             self._touch(device_id)
             self.db.execute(
-                "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?)",
+                "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 (device_id, float(report.get("ts", 0)), summary),
             )
             self.db.execute("UPDATE devices SET telemetry=? WHERE device_id=?", (summary, device_id))
@@ -213,6 +262,13 @@ class FleetDB:
                     break
         cur.close()
         return found[::-1]
+
+
+def open_existing(target: Path | str) -> FleetDB:
+    """The collector's database for a reader (`fleet status`...): an SQLite file must exist."""
+    if not (isinstance(target, str) and is_url(target)) and not Path(target).exists():
+        raise AgentError(f"no collector database at {target}: is `fleet collect` running?")
+    return FleetDB(target)
 
 
 def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.contract.protocol import Announcement
 from agent.errors import AgentError, PublishError
 from cloud.config import FleetConfig
-from cloud.fleetdb import FleetDB
+from cloud.fleetdb import FleetDB, open_existing
 from cloud.publish import announce_version, current_version
 from cloud.rolloutdb import CANARY, HALTED, HALTING, PROMOTED, PROMOTING, Rollout, RolloutDB
 from cloud.rollouts import Observed, decide, observe, pick_canaries
@@ -27,9 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def open_db(cfg: FleetConfig) -> FleetDB:
-    if not cfg.collector.db.exists():
-        raise AgentError(f"no collector database at {cfg.collector.db}: is `fleet collect` running?")
-    return FleetDB(cfg.collector.db)
+    return open_existing(cfg.collector.database)
 
 
 def choose_canaries(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from scripts.loopback.models import mlp  # noqa: F401  (re-exported for the tests)
+from scripts.loopback.postgres import PostgreSQL
 from scripts.loopback.services import (
     Mosquitto,
     MotoS3,
@@ -27,7 +28,7 @@ from scripts.loopback.services import (
 )
 
 GO2_DIR = Path(os.environ.get("GO2_DATA", Path(__file__).resolve().parents[2] / "shared" / "go2"))
-SERVICE_FIXTURES = frozenset({"broker", "s3", "fleet"})  # real mosquitto, moto's S3 server, agents
+SERVICE_FIXTURES = frozenset({"broker", "s3", "fleet", "postgres"})  # real mosquitto, S3 (moto), agents, PostgreSQL
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -63,6 +64,15 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
     os.environ.update(s3_env())
     server = MotoS3(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgreSQL]:
+    """Debian's PostgreSQL server, in a temp dir on a free port; each test makes its database."""
+    server = PostgreSQL()
     server.start()
     yield server
     server.stop()

@@ -65,7 +65,9 @@ def test_fleet_config_requires_bucket(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="s3.bucket"):
         fleet_config.load(p)
     p.write_text('[s3]\nbucket = "models"\n[collector]\ndb = "/tmp/f.db"\n')
-    assert fleet_config.load(p).collector.db == Path("/tmp/f.db")
+    assert fleet_config.load(p).collector.database == Path("/tmp/f.db")
+    p.write_text('[s3]\nbucket = "models"\n[collector]\ndb = "postgresql://fleet@db.lab:5432/fleet"\n')
+    assert fleet_config.load(p).collector.database == "postgresql://fleet@db.lab:5432/fleet"
 
 
 def test_cli_reports_config_errors_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,15 +4,24 @@ them leaves half a change. Used by the agent's state dir and the collector's dat
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, Protocol
+
+
+class Connection(Protocol):
+    """What Transactions needs: sqlite3's connection, or cloud/pgconn.py's adapter."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
 
 
 class Transactions:
     """`with tx():` is one commit for everything inside; nested uses join the outer one."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: Connection) -> None:
         self.db = db
         self._depth = 0
 

@@ -53,7 +53,8 @@ def create_app(cfg: FleetConfig) -> FastAPI:
 
 
 def _db(request: Request) -> Iterator[FleetDB]:
-    db = FleetDB.read_only(request.app.state.cfg.collector.db)
+    target = request.app.state.cfg.collector.database  # an SQLite file (opened read-only) or a URL
+    db = FleetDB(target) if isinstance(target, str) else FleetDB.read_only(target)
     try:
         yield db
     finally:

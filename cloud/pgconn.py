@@ -1,0 +1,58 @@
+"""PostgreSQL for the collector's database, behind the few methods of sqlite3's connection that
+cloud/fleetdb.py and cloud/rolloutdb.py use: the same SQL, with sqlite3's `?` placeholders turned
+into psycopg's `%s`. A thin adapter, not an ORM: the SQL stays portable by hand (ON CONFLICT,
+DOUBLE PRECISION, no SQLite-only syntax), and the schema's few differences are in fleetdb.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from typing import Any
+
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(target: str) -> bool:
+    return target.startswith(URL_SCHEMES)
+
+
+def _pg(sql: str) -> str:
+    """sqlite3's SQL for psycopg: `%` escaped, `?` as `%s`, no SQLite-only BEGIN mode."""
+    sql = sql.replace("%", "%%").replace("?", "%s")
+    return "BEGIN" if sql.strip() == "BEGIN IMMEDIATE" else sql
+
+
+class PgConnection:
+    """Autocommit, as the SQLite connection is: agent.contract.sqltx.Transactions opens and
+    closes the transactions (BEGIN ... COMMIT) itself."""
+
+    Error: type[Exception]
+
+    def __init__(self, url: str) -> None:
+        import psycopg  # the `cloud` extra; only a PostgreSQL database needs it
+
+        self.Error = psycopg.Error
+        self._idle = psycopg.pq.TransactionStatus.IDLE
+        self.conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, args: Iterable[Any] = (), /) -> Any:
+        cur = self.conn.cursor()
+        cur.execute(_pg(sql), tuple(args))  # our SQL: built from constants, values passed apart
+        return cur
+
+    def executescript(self, script: str) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                self.execute(statement)
+
+    def pipeline(self) -> AbstractContextManager[Any]:
+        """Statements sent without waiting for each result (one round trip, not one each) until a
+        result is read or the block ends: the collector's batches."""
+        return self.conn.pipeline()
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.conn.info.transaction_status != self._idle)
+
+    def close(self) -> None:
+        self.conn.close()
