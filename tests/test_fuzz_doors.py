@@ -28,7 +28,7 @@ MINIMAL_AGENT_TOML = 'channel = "walk"\nstate_dir = "/tmp/edge-fuzz/s"\nsocket =
 DOCUMENTED = {0, 1, 2, 3, 4}  # agent.contract.cli_errors; 70 (a bug) and 130 are not acceptable here
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 LAYOUT = re.compile(
-    rf"models/[0-9a-f]{{64}}\.onnx|golden/[0-9a-f]{{64}}\.npz|manifests/{NAME}/{NAME}\.json|channels/{NAME}/latest\.json"
+    rf"models/[0-9a-f]{{64}}\.onnx|golden/[0-9a-f]{{64}}\.npz|manifests/{NAME}/{NAME}\.json|channels/{NAME}/(latest|current)\.json"
 )
 
 valid_names = st.from_regex(r"\A[a-z][a-z0-9._-]{0,8}\Z")
