@@ -45,6 +45,6 @@ def test_a_short_soak_grows_nothing(tmp_path: Path) -> None:
     ):
         early, late = _floors(samples, get)
         assert late <= early, f"{what}: at least {early} after warm-up, at least {late} at the end"
-    # 100 swaps resolve a leak of tens of KiB a swap, not the long run's 1 MiB per 1000 (docs/benchmarks.md)
-    assert f["daemon_rss_mib_per_1000_swaps"] <= 50.0, f
+    # 100 swaps resolve a leak of 80 KiB a swap, not the long run's 1 MiB per 1000 (docs/benchmarks.md)
+    assert f["daemon_rss_mib_per_1000_swaps"] <= 80.0, f  # measured 14 and 28 in two runs
     assert f["state_dir_mib_max"] < 20, f  # keep_models = 3 of about 2 MiB each, the database, a candidate
