@@ -34,7 +34,8 @@ from cloud import config as fleet_config
 from cloud.publish import publish, rollback
 
 WARMUP = 0.2  # the share of the swaps before the figures count
-WATCH = "[watch]\nwindow_s = 0.2\nkeep_models = 3\n[gate]\nlatency_budget_us = 50000\n"
+# Latency is not under test (a loaded machine): a generous gate budget and watch rollback factor.
+WATCH = "[watch]\nwindow_s = 0.2\nkeep_models = 3\nlatency_factor = 10\n[gate]\nlatency_budget_us = 50000\n"
 
 
 def proc_figures(pid: int) -> dict[str, int]:

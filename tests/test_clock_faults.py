@@ -31,8 +31,9 @@ SHIM = Path(__file__).with_name("clockshift_shim.c")
 HOURS_3 = 3 * 3600
 WINDOW_S = 3.0
 INTERVAL_S = 1.0
-# Telemetry every 1 s (the tests' default). The gate's latency budget is not under test: generous.
-EXTRA = f"[watch]\nwindow_s = {WINDOW_S}\nkeep_models = 2\n[gate]\nlatency_budget_us = 50000\n"
+# Telemetry every 1 s (the tests' default). Latency is not under test: the gate's budget and the watch's
+# rollback factor are generous (CI once rolled v4 back for a p99 of 309 µs against 147 µs).
+EXTRA = f"[watch]\nwindow_s = {WINDOW_S}\nkeep_models = 2\nlatency_factor = 10\n[gate]\nlatency_budget_us = 50000\n"
 
 
 class WallClock:
