@@ -27,6 +27,7 @@ from typing import Any
 
 from loopback.calling import CallingClient
 from loopback.models import mlp
+from loopback.procs import descendants
 from loopback.services import Mosquitto, MotoS3, bin_path, s3_env, stop, write_agent_config, write_fleet_config
 
 from agent.system.control import call
@@ -51,23 +52,6 @@ def proc_figures(pid: int) -> dict[str, int]:
         "threads": int(fields["Threads"]),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
     }
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def du(folder: Path) -> int:

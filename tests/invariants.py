@@ -17,6 +17,7 @@ from typing import Any
 from agent.coordinator.lifecycle import ALLOWED, ModelState
 from agent.engines import cache
 from scripts.loopback.calling import CallingClient  # noqa: F401  (re-exported for the tests)
+from scripts.loopback.procs import descendants  # noqa: F401  (re-exported for the tests)
 
 MARK_ENV = "EDGE_AGENT_TEST_MARK"  # set on the agents a test starts: their children inherit it
 
@@ -129,24 +130,6 @@ def marked_processes(mark: str) -> list[tuple[int, str]]:
         except OSError:
             continue  # gone, or a zombie
     return found
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
 
 
 def alive(pid: int) -> bool:
