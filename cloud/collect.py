@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 
 from agent.contract.mqtt_client import client_for, host_port, session_properties
 from agent.contract.protocol import Topics
+from cloud.bulk_client import BulkReadClient
 from cloud.config import FleetConfig
 from cloud.fleetdb import FleetDB
 from cloud.ingest import BatchWriter, Received, parse
@@ -42,7 +43,7 @@ class Collector:
         self.subscribed = threading.Event()
         self.closing = False  # set once stopping: what arrives after is left unacked, for the next session
         m = cfg.mqtt
-        self.client = client_for(m.client_id, m)
+        self.client = client_for(m.client_id, m, client_class=BulkReadClient)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -109,7 +110,7 @@ class Collector:
         """One message, stored at once (ProtocolError for a refused one): for tests and tools."""
         parsed = parse(self.topics, topic, payload)
         with self.lock:
-            store_parsed(self.db, parsed)
+            store_parsed(self.db, [parsed])
 
     def prune(self) -> None:
         c = self.cfg.collector

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,22 @@ _PG_EXTRA = "CREATE UNIQUE INDEX IF NOT EXISTS telemetry_key ON telemetry (devic
 RAW, HOUR = "raw", "hour"  # latency.resolution
 _LATENCY_COLUMNS = "device_id, channel, version, resolution, start_ts, end_ts, calls, hdr"
 
+# Each device's overview, in columns of its own (written with its status or telemetry) so that
+# reading 10,000 devices decodes no JSON but the rare pending and rejected models.
+_STATUS_COLUMNS = (
+    "channel",
+    "active_version",
+    "backend",
+    "backend_version",
+    "agent_version",
+    "pending",
+    "last_rejected",
+)  # TEXT; pending and last_rejected hold JSON
+# From the newest telemetry (by its `ts`: a QoS 1 redelivery of an older one changes nothing).
+_FIGURE_COLUMNS = ("latency_p50_us", "latency_p99_us", "latency_count", "telemetry_ts")
+_OVERVIEW = ("device_id", "online", *_STATUS_COLUMNS, *_FIGURE_COLUMNS[:-1], "last_seen")
+_COLUMN_TYPES = {"telemetry_ts": "DOUBLE PRECISION", **dict.fromkeys(_FIGURE_COLUMNS[:-1], "BIGINT")}  # else TEXT
+
 
 @dataclass(frozen=True)
 class LatencyRow:
@@ -89,6 +106,7 @@ class FleetDB:
             self.db.executescript(_SCHEMA)
             self.transaction = Transactions(self.db)
             self._telemetry_key()
+            self._overview_columns()
         except sqlite3.Error as err:
             self.db.close()
             raise ConfigError(f"{path} is not a collector database ({err}): check [collector] db") from err
@@ -119,13 +137,15 @@ class FleetDB:
         schema = _SCHEMA
         for sqlite_type, pg_type in _PG_TYPES:
             schema = schema.replace(sqlite_type, pg_type)
+        self.transaction = Transactions(self.db)
         try:
-            self.db.executescript("SELECT pg_advisory_lock(7411);" + schema + _PG_EXTRA)  # collectors start together
+            self.db.execute("SELECT pg_advisory_lock(7411)")  # collectors start together: one at a time here
+            self.db.executescript(schema + _PG_EXTRA)
+            self._overview_columns()
             self.db.execute("SELECT pg_advisory_unlock(7411)")
         except self.db.Error as err:
             self.db.close()
             raise ConfigError(f"cannot create the collector's tables at {shown} ({err})") from err
-        self.transaction = Transactions(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -145,57 +165,107 @@ class FleetDB:
             )
             self.db.execute("CREATE UNIQUE INDEX telemetry_key ON telemetry (device_id, ts)")
 
-    def _touch(self, device_id: str) -> None:
-        self.db.execute(
-            "INSERT INTO devices (device_id, last_seen) VALUES (?, ?) ON CONFLICT(device_id)"
-            " DO UPDATE SET last_seen=excluded.last_seen",
-            (device_id, time.time()),
-        )
+    def _overview_columns(self) -> None:
+        """The overview's columns, added to a database from before them and filled from each
+        device's stored status and telemetry (new databases get them here too)."""
+        have = {c[0] for c in self.db.execute("SELECT * FROM devices LIMIT 0").description}
+        missing = [c for c in (*_STATUS_COLUMNS, *_FIGURE_COLUMNS) if c not in have]
+        if not missing:
+            return
+        with self.transaction():
+            for column in missing:
+                self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} {_COLUMN_TYPES.get(column, 'TEXT')}")
+            for device_id, status, telemetry in self.db.execute(
+                "SELECT device_id, status, telemetry FROM devices"
+            ).fetchall():
+                values = (*_status_overview(json.loads(status)), *_figures(json.loads(telemetry)), device_id)
+                self.db.execute(
+                    f"UPDATE devices SET {_assign((*_STATUS_COLUMNS, *_FIGURE_COLUMNS))} WHERE device_id=?", values
+                )
 
     def put_status(self, device_id: str, status: dict[str, Any]) -> None:
-        with self.transaction():
-            self._touch(device_id)
-            row = self.db.execute("SELECT status FROM devices WHERE device_id=?", (device_id,)).fetchone()
-            merged = json.loads(row[0]) if row else {}
-            merged.update(status)  # an "offline" status keeps what the device said before it left
-            self.db.execute(
-                "UPDATE devices SET online=?, status=? WHERE device_id=?",
-                (1 if status.get("online") else 0, json.dumps(merged), device_id),
-            )
+        self.put_batch(statuses=[(device_id, status)])
 
     def put_event(self, device_id: str, event: dict[str, Any]) -> bool:
         """False for a duplicate (QoS 1 may deliver twice; events carry a unique id)."""
-        with self.transaction():
-            self._touch(device_id)
-            cur = self.db.execute(
-                "INSERT INTO events (id, device_id, kind, ts, received, payload) VALUES (?,?,?,?,?,?)"
-                " ON CONFLICT DO NOTHING",
-                (
-                    str(event["id"]),
-                    device_id,
-                    str(event.get("kind", "")),
-                    float(event.get("ts", 0)),
-                    time.time(),
-                    json.dumps(event),
-                ),
-            )
-        return cur.rowcount == 1
+        return self.put_batch(events=[(device_id, event)]) == 1
 
     def put_telemetry(
         self, device_id: str, report: dict[str, Any], histograms: list[IntervalHistogram] | None = None
     ) -> None:
         """The report's summary (the histograms live in the latency history only)."""
-        summary = json.dumps({k: v for k, v in report.items() if k != "histograms"})
+        self.put_batch(reports=[(device_id, report, histograms or [])])
+
+    def put_batch(
+        self,
+        statuses: Sequence[tuple[str, dict[str, Any]]] = (),
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
+        reports: Sequence[tuple[str, dict[str, Any], list[IntervalHistogram]]] = (),
+    ) -> int:
+        """Statuses, events and telemetry, in one transaction and a few statements for many
+        messages; the number of events new to the database (the others were QoS 1 duplicates)."""
         with self.transaction():
-            self._touch(device_id)
-            self.db.execute(
-                "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?) ON CONFLICT DO NOTHING",
-                (device_id, float(report.get("ts", 0)), summary),
-            )
-            self.db.execute("UPDATE devices SET telemetry=? WHERE device_id=?", (summary, device_id))
-            for h in histograms or ():
-                row = LatencyRow(device_id, h.channel or "", h.model_version or "", RAW, h.start, h.end, h.count, h.hdr)
-                self.put_latency(row, replace=False)
+            # Every device's row first, in one order: two collectors' batches lock rows alike
+            # (PostgreSQL), so they queue rather than deadlock.
+            self._touch(sorted({str(m[0]) for m in (*statuses, *events, *reports)}))
+            for device_id, status in statuses:
+                self._put_status(device_id, status)
+            new = self._put_events(events) if events else 0
+            if reports:
+                self._put_reports(reports)
+        return new
+
+    def _touch(self, device_ids: list[str]) -> None:
+        now = time.time()
+        self.db.executemany(
+            "INSERT INTO devices (device_id, last_seen) VALUES (?, ?) ON CONFLICT(device_id)"
+            " DO UPDATE SET last_seen=excluded.last_seen",
+            [(d, now) for d in device_ids],
+        )
+
+    def _put_status(self, device_id: str, status: dict[str, Any]) -> None:
+        row = self.db.execute("SELECT status FROM devices WHERE device_id=?", (device_id,)).fetchone()
+        merged = json.loads(row[0]) if row else {}
+        merged.update(status)  # an "offline" status keeps what the device said before it left
+        self.db.execute(
+            f"UPDATE devices SET online=?, status=?, {_assign(_STATUS_COLUMNS)} WHERE device_id=?",
+            (1 if status.get("online") else 0, json.dumps(merged), *_status_overview(merged), device_id),
+        )
+
+    def _put_events(self, events: Sequence[tuple[str, dict[str, Any]]]) -> int:
+        now = time.time()
+        rows = [(str(e["id"]), d, str(e.get("kind", "")), float(e.get("ts", 0)), now, json.dumps(e)) for d, e in events]
+        cur = self.db.executemany(
+            "INSERT INTO events (id, device_id, kind, ts, received, payload) VALUES (?,?,?,?,?,?)"
+            " ON CONFLICT DO NOTHING",
+            rows,
+        )
+        return int(cur.rowcount)  # summed over the rows, by sqlite3 and psycopg alike
+
+    def _put_reports(self, reports: Sequence[tuple[str, dict[str, Any], list[IntervalHistogram]]]) -> None:
+        rows, history = [], []
+        newest: dict[str, tuple[Any, ...]] = {}  # per device: (summary, *figures with ts, device_id, ts)
+        for device_id, report, histograms in reports:
+            summary = json.dumps({k: v for k, v in report.items() if k != "histograms"})
+            ts = float(report.get("ts", 0))
+            rows.append((device_id, ts, summary))
+            if device_id not in newest or ts >= newest[device_id][-1]:
+                newest[device_id] = (summary, *_figures(report), device_id, ts)
+            history += [
+                (device_id, h.channel or "", h.model_version or "", RAW, h.start, h.end, h.count, h.hdr)
+                for h in histograms
+            ]
+        self.db.executemany(
+            "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?) ON CONFLICT DO NOTHING", rows
+        )
+        self.db.executemany(
+            f"UPDATE devices SET telemetry=?, {_assign(_FIGURE_COLUMNS)} WHERE device_id=?"
+            " AND (telemetry_ts IS NULL OR telemetry_ts <= ?)",
+            list(newest.values()),
+        )
+        self.db.executemany(
+            f"INSERT INTO latency ({_LATENCY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING", history
+        )
 
     def put_latency(self, row: LatencyRow, replace: bool) -> None:
         """Insert `row`; one with the same key is kept (a QoS 1 duplicate), or replaced."""
@@ -242,10 +312,8 @@ class FleetDB:
 
     def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
         where, args = _where(("device_id = ?", device_id))
-        rows = self.db.execute(
-            f"SELECT device_id, online, status, telemetry, last_seen FROM devices{where} ORDER BY device_id", args
-        ).fetchall()
-        return [_device_row(*r) for r in rows]
+        rows = self.db.execute(f"SELECT {', '.join(_OVERVIEW)} FROM devices{where} ORDER BY device_id", args)
+        return [_device_row(r) for r in rows.fetchall()]
 
     def events(
         self, device_id: str | None = None, limit: int = 200, version: str | None = None
@@ -279,21 +347,38 @@ def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
     return " WHERE " + " AND ".join(sql for sql, _ in used), [value for _, value in used]
 
 
-def _device_row(device_id: str, online: int, status: str, telemetry: str, last_seen: float) -> dict[str, Any]:
-    s, t = json.loads(status), json.loads(telemetry)
-    active = s.get("active") or {}
-    return {
-        "device_id": device_id,
-        "online": bool(online),
-        "channel": s.get("channel"),
-        "active_version": active.get("version"),
-        "backend": s.get("backend"),
-        "backend_version": s.get("backend_version"),
-        "agent_version": s.get("agent_version"),
-        "latency_p50_us": t.get("p50_us"),
-        "latency_p99_us": t.get("p99_us"),
-        "latency_count": t.get("count"),
-        "pending": s.get("pending"),
-        "last_rejected": s.get("last_rejected"),
-        "last_seen": last_seen,
-    }
+def _device_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    d = dict(zip(_OVERVIEW, row, strict=True))
+    d["online"] = bool(d["online"])
+    for key in ("pending", "last_rejected"):
+        d[key] = None if d[key] is None else json.loads(d[key])
+    return d
+
+
+def _assign(columns: tuple[str, ...]) -> str:
+    return ", ".join(f"{c}=?" for c in columns)
+
+
+def _status_overview(status: dict[str, Any]) -> tuple[str | None, ...]:
+    """The _STATUS_COLUMNS of a device's (merged) status."""
+    active = status.get("active") or {}
+    values = (
+        status.get("channel"),
+        active.get("version") if isinstance(active, dict) else None,
+        status.get("backend"),
+        status.get("backend_version"),
+        status.get("agent_version"),
+    )
+    pending, rejected = status.get("pending"), status.get("last_rejected")
+    return (
+        *(None if v is None else str(v) for v in values),
+        None if pending is None else json.dumps(pending),
+        None if rejected is None else json.dumps(rejected),
+    )
+
+
+def _figures(report: dict[str, Any]) -> tuple[float | None, ...]:
+    """The _FIGURE_COLUMNS of a telemetry report."""
+    values = (report.get("p50_us"), report.get("p99_us"), report.get("count"))
+    figures = tuple(round(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values)
+    return (*figures, float(report.get("ts", 0)))

@@ -59,15 +59,15 @@ def parse(topics: Topics, topic: str, payload: bytes) -> Parsed:
     return Parsed(device_id, kind, report, histograms)
 
 
-def store(db: FleetDB, p: Parsed) -> bool:
-    """False for an event stored before (a QoS 1 duplicate)."""
-    if p.kind == "status":
-        db.put_status(p.device_id, p.body)
-    elif p.kind == "events":
-        return db.put_event(p.device_id, p.body)
-    else:
-        db.put_telemetry(p.device_id, p.body, p.histograms)
-    return True
+def store(db: FleetDB, parsed: list[Parsed]) -> Counter[str]:
+    """Stores `parsed` in one transaction; how many of each kind, and the "duplicate" events (QoS 1
+    delivered them twice)."""
+    statuses = [(p.device_id, p.body) for p in parsed if p.kind == "status"]
+    events = [(p.device_id, p.body) for p in parsed if p.kind == "events"]
+    reports = [(p.device_id, p.body, p.histograms) for p in parsed if p.kind == "telemetry"]
+    new = db.put_batch(statuses, events, reports)
+    counts = Counter(status=len(statuses), events=new, duplicate=len(events) - new, telemetry=len(reports))
+    return +counts  # the kinds there were
 
 
 class BatchWriter:
@@ -129,7 +129,7 @@ class BatchWriter:
         while True:
             try:
                 with self.lock, self.db.transaction(), self.db.pipeline():
-                    stored = Counter(p.kind if store(self.db, p) else "duplicate" for p in parsed)
+                    stored = store(self.db, parsed)
                 break
             except Exception:  # sqlite3's or psycopg's: unacknowledged, so keep trying
                 log.exception("storing a batch of %d messages failed; trying again in %.0f s", len(batch), RETRY_S)

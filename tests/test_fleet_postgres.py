@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.contract.protocol import IntervalHistogram
+from agent.contract.protocol import IntervalHistogram, Topics
 from cloud.fleetdb import HOUR, RAW, FleetDB, LatencyRow
+from cloud.ingest import Parsed, parse, store
 from cloud.retention import prune
 from cloud.rolloutdb import CANARY, PROMOTING, Rollout, RolloutDB
 from scripts.fleet_sim import Simulator, sample_histograms
@@ -23,12 +24,16 @@ T0 = 1_699_999_200.0
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetDB]:
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
     if request.param == "sqlite":
-        d = FleetDB(tmp_path / "fleet.db")
-    else:
-        server: PostgreSQL = request.getfixturevalue("postgres")
-        d = FleetDB(server.new_database())
+        return tmp_path / "fleet.db"
+    server: PostgreSQL = request.getfixturevalue("postgres")
+    return server.new_database()
+
+
+@pytest.fixture
+def db(target: Path | str) -> Iterator[FleetDB]:
+    d = FleetDB(target)
     yield d
     d.close()
 
@@ -67,6 +72,70 @@ def test_telemetry_and_latency_rows_are_stored_once_and_pruned(db: FleetDB) -> N
     assert [(r.resolution, r.start, r.calls) for r in db.latency_rows()] == [(HOUR, T0, 200)]
     db.put_latency(LatencyRow("go2-01", "walk", "v1", HOUR, T0, T0 + 3600, 5, hdr), replace=True)
     assert [r.calls for r in db.latency_rows()] == [5]
+
+
+def test_a_batch_is_stored_once_whatever_arrives_twice(db: FleetDB) -> None:
+    topics = Topics("edge")
+    hdr = sample_histograms(1)[0][0]["hdr"]
+
+    def telemetry(ts: float, p99: int) -> Parsed:
+        report = {"ts": ts, "p50_us": 400, "p99_us": p99, "count": 200}
+        return Parsed("go2-01", "telemetry", report, [IntervalHistogram("v1", "walk", 200, hdr, ts - 10, ts)])
+
+    status = {"online": True, "channel": "walk", "active": {"version": "v1"}, "pending": {"version": "v2"}}
+    rejected = {"last_rejected": {"version": "v0", "reason": "gate: NaN in the outputs"}}
+    batch = [
+        Parsed("go2-01", "status", status, []),
+        Parsed("go2-01", "events", event(1), []),
+        Parsed("go2-01", "events", event(1), []),  # twice in one batch
+        telemetry(T0 + 10, 700),
+        telemetry(T0 + 20, 900),  # the device's last report: the overview shows it
+        Parsed("go2-02", "status", {"online": True, **rejected}, []),
+    ]
+    assert store(db, batch) == {"status": 2, "events": 1, "duplicate": 1, "telemetry": 2}
+    assert store(db, batch[1:4]) == {"duplicate": 2, "telemetry": 1}  # delivered again
+    one, two = db.devices()
+    assert (one["channel"], one["active_version"], one["pending"], one["latency_p99_us"]) == (
+        "walk",
+        "v1",
+        {"version": "v2"},
+        900,
+    )
+    assert (two["online"], two["channel"], two["last_rejected"], two["latency_p99_us"]) == (
+        True,
+        None,
+        rejected["last_rejected"],
+        None,
+    )
+    assert db.db.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0] == 2
+    assert len(db.latency_rows()) == 2 and len(db.events()) == 1
+    assert parse(topics, topics.events("go2-01"), json.dumps(event(3)).encode()).kind == "events"
+
+
+def test_a_database_from_before_the_overview_columns_gets_them(target: Path | str) -> None:
+    old = (
+        "CREATE TABLE devices (device_id TEXT PRIMARY KEY, online INTEGER NOT NULL DEFAULT 0,"
+        " status TEXT NOT NULL DEFAULT '{}', telemetry TEXT NOT NULL DEFAULT '{}', last_seen DOUBLE PRECISION NOT NULL)"
+    )
+    status = {"channel": "walk", "active": {"version": "v3"}, "backend": "tensorrt", "last_rejected": {"version": "v4"}}
+    row = ("go2-01", 1, json.dumps(status), json.dumps({"p50_us": 410, "p99_us": 820, "count": 3000}), T0)
+    raw = FleetDB(target).db  # today's schema, then its devices table as it was
+    raw.execute("DROP TABLE devices")
+    raw.execute(old)
+    raw.execute("INSERT INTO devices (device_id, online, status, telemetry, last_seen) VALUES (?,?,?,?,?)", row)
+    raw.close()
+    db = FleetDB(target)
+    try:
+        (d,) = db.devices()
+        assert (d["channel"], d["active_version"], d["backend"], d["last_rejected"]) == (
+            "walk",
+            "v3",
+            "tensorrt",
+            {"version": "v4"},
+        )
+        assert (d["online"], d["latency_p50_us"], d["latency_p99_us"], d["latency_count"]) == (True, 410, 820, 3000)
+    finally:
+        db.close()
 
 
 def test_rollouts_claim_once(db: FleetDB) -> None:

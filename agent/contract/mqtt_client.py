@@ -27,8 +27,9 @@ def make_client(
     key_file: Path | None = None,
     reconnect_min_s: float = 0.5,
     reconnect_max_s: float = 30.0,
+    client_class: type[mqtt.Client] = mqtt.Client,
 ) -> mqtt.Client:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client = client_class(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     u = urlparse(url)
     if u.scheme == "mqtts" or ca_file is not None:
         client.tls_set(
@@ -56,7 +57,11 @@ class MqttSettings(Protocol):
 
 
 def client_for(
-    client_id: str, m: MqttSettings, reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0
+    client_id: str,
+    m: MqttSettings,
+    reconnect_min_s: float = 0.5,
+    reconnect_max_s: float = 30.0,
+    client_class: type[mqtt.Client] = mqtt.Client,
 ) -> mqtt.Client:
     return make_client(
         client_id,
@@ -68,6 +73,7 @@ def client_for(
         key_file=m.key_file,
         reconnect_min_s=reconnect_min_s,
         reconnect_max_s=reconnect_max_s,
+        client_class=client_class,
     )
 
 

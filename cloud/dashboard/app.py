@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from agent.contract import cli_errors
 from cloud.config import FleetConfig
@@ -26,6 +26,7 @@ from cloud.fleetdb import FleetDB
 TEMPLATES = Jinja2Templates(directory=Path(__file__).with_name("templates"))
 EVENTS_SHOWN = 100
 _bearer = HTTPBearer(auto_error=False)
+_ROWS = TypeAdapter(list[dict[str, Any]])
 
 
 def _ago(ts: float | None, now: float) -> str:
@@ -65,6 +66,10 @@ DB = Annotated[FleetDB, Depends(_db)]
 Name = Annotated[str | None, Query(max_length=128)]
 
 
+def _json(rows: list[dict[str, Any]]) -> Response:
+    return Response(_ROWS.dump_json(rows), media_type="application/json")
+
+
 def _since(since: str) -> float:
     try:
         return parse_duration(since)
@@ -75,13 +80,15 @@ def _since(since: str) -> float:
 def _api() -> APIRouter:
     api = APIRouter(prefix="/api")
 
-    @api.get("/devices")
-    def devices(db: DB) -> list[dict[str, Any]]:
-        return views.devices(db)
+    # Encoded by pydantic-core in one call: FastAPI's validate-then-encode of 10,000 devices, or
+    # json.dumps, took as long as reading them (9 against 36-45 ms of CPU).
+    @api.get("/devices", response_class=JSONResponse)
+    def devices(db: DB) -> Response:
+        return _json(views.devices(db))
 
-    @api.get("/rollouts")
-    def rollouts(db: DB) -> list[dict[str, Any]]:
-        return views.rollouts(views.devices(db))
+    @api.get("/rollouts", response_class=JSONResponse)
+    def rollouts(db: DB) -> Response:
+        return _json(views.rollouts(views.devices(db)))
 
     @api.get("/latency")
     def latency(db: DB, channel: Name = None, version: Name = None, device: Name = None, since: str = "24h") -> Any:
