@@ -5,9 +5,9 @@ process polling the database.
 Figures: ingest rate sustained (rows that became visible per second while the simulator sent),
 end-to-end lag (a telemetry row's first sighting by the poller minus the `ts` its device put in the
 payload; the poll period, 0.1 s, is part of it), `fleet status --json` (the whole command, Python's
-start included) and the query behind it (`FleetDB.devices()`, what `/api/devices` reads) at each
-fleet size. The baseline is the same collector with `batch_max = 1`: one transaction per message,
-as before batching."""
+start included), the query behind it (`FleetDB.devices()`) and `GET /api/devices` from `fleet serve`
+over HTTP, at each fleet size. The baseline is the same collector with `batch_max = 1`: one
+transaction per message, as before batching."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from cloud.fleetdb import FleetDB
 from scripts.loopback.postgres import PostgreSQL
-from scripts.loopback.services import Mosquitto, stop
+from scripts.loopback.services import Mosquitto, free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.1
@@ -176,7 +177,39 @@ def query_times(cfg: Path, target: Path | str) -> dict[str, float]:
         db.devices()
         query.append(time.monotonic() - t)
     db.close()
-    return {"status_cli_s": statistics.median(cli), "devices_query_ms": 1000 * statistics.median(query)}
+    return {
+        "status_cli_s": statistics.median(cli),
+        "devices_query_ms": 1000 * statistics.median(query),
+        "api_devices_ms": 1000 * api_devices_s(cfg),
+    }
+
+
+def api_devices_s(cfg: Path, tries: int = 9) -> float:
+    """`GET /api/devices` from `fleet serve` over HTTP: the median of `tries`, after one warm-up."""
+    url = f"http://127.0.0.1:{free_port()}"
+    serve = subprocess.Popen(
+        [*FLEET, "--config", str(cfg), "serve", "--listen", url.removeprefix("http://")],
+        env=_env(),
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/devices", timeout=30).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        took = []
+        for _ in range(tries):
+            t = time.monotonic()
+            urllib.request.urlopen(f"{url}/api/devices", timeout=30).read()
+            took.append(time.monotonic() - t)
+        return statistics.median(took)
+    finally:
+        stop(serve)
 
 
 RUNS = (
@@ -202,7 +235,8 @@ def bench(rate: float, seconds: float) -> int:
                     f"{run}  offered {r['offered_per_s']:>5.0f}/s  ingest {r['ingest_per_s']:>5.0f}/s"
                     f"  stored {r['stored']:.0f}/{r['sent']:.0f}"
                     f"  drain {r['drain_s']:>4.1f} s  lag p50 {r['lag_p50_s']:.2f} s p99 {r['lag_p99_s']:.2f} s"
-                    f"  `fleet status --json` {r['status_cli_s']:.2f} s  devices query {r['devices_query_ms']:.0f} ms",
+                    f"  `fleet status --json` {r['status_cli_s']:.2f} s  devices query {r['devices_query_ms']:.0f} ms"
+                    f"  GET /api/devices {r['api_devices_ms']:.0f} ms",
                     flush=True,
                 )
     finally:

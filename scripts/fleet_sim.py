@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.contract.mqtt_client import host_port, make_client
 from agent.contract.protocol import PROTOCOL_VERSION, Topics, encode, new_event
 from agent.serving.telemetry import LatencyRecorder
+from cloud.bulk_client import BulkReadClient
 
 CHANNEL, VERSION = "walk", "v1"
 EVENT_KINDS = ("announce_received", "model_fetched", "activated")
@@ -61,7 +62,7 @@ class Simulator:
 
     @staticmethod
     def _connect(url: str, client_id: str) -> mqtt.Client:
-        client = make_client(client_id, url)
+        client = make_client(client_id, url, client_class=BulkReadClient)  # reads the broker's acks in bulk
         client.max_inflight_messages_set(1000)
         connected = threading.Event()
         client.on_connect = lambda *_a: connected.set()
