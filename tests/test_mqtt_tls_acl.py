@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from agent.contract.mqtt_client import make_client
+from cloud.bulk_client import BulkReadClient
 from scripts.loopback.service_harness import agent_process
 from scripts.loopback.services import MOSQUITTO, free_port, stop, wait_port, write_agent_config
 from tests.certs import TestPKI
 from tests.conftest import wait_for
+from tests.test_bulk_client import payloads
 
 BROKER_DIR = Path(__file__).resolve().parents[1] / "cloud" / "broker"
 NOT_AUTHORIZED = 0x87
@@ -79,10 +82,15 @@ def tls_broker(tmp_path: Path) -> Iterator[TlsBroker]:
 class Client:
     """A connected MQTT 5 client with a certificate; records PUBACK reason codes and messages."""
 
-    def __init__(self, broker: TlsBroker, cn: str) -> None:
+    def __init__(self, broker: TlsBroker, cn: str, client_class: type[mqtt.Client] = mqtt.Client) -> None:
         cert, key = broker.pki.issue(cn)
         self.c = make_client(
-            f"{cn}-{uuid.uuid4().hex[:6]}", broker.url, ca_file=broker.pki.ca, cert_file=cert, key_file=key
+            f"{cn}-{uuid.uuid4().hex[:6]}",
+            broker.url,
+            ca_file=broker.pki.ca,
+            cert_file=cert,
+            key_file=key,
+            client_class=client_class,
         )
         self.acks: dict[int, int] = {}
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -140,6 +148,25 @@ def test_device_acls_over_mtls(tls_broker: TlsBroker) -> None:
     finally:
         for c in (collector, device, publisher):
             c.close()
+
+
+@pytest.mark.integration
+def test_the_collectors_bulk_reader_over_tls(tls_broker: TlsBroker) -> None:
+    """TLS keeps decrypted bytes of its own: the bulk reader must drain them, not wait on select()."""
+    topic = f"{tls_broker.prefix}/v1/devices/go2-01/telemetry"
+    collector = Client(tls_broker, "fleet-collector", client_class=BulkReadClient)
+    device = Client(tls_broker, "go2-01")
+    try:
+        collector.c.subscribe(topic, qos=1)
+        assert collector.subscribed.wait(10)
+        sent = payloads(1200, "tls")
+        infos = [device.c.publish(topic, m, qos=1) for m in sent]
+        wait_for(lambda: all(i.mid in device.acks for i in infos), 30, "every PUBACK")
+        got = [collector.messages.get(timeout=20) for _ in sent]
+        assert [payload for _t, payload in got] == sent
+    finally:
+        collector.close()
+        device.close()
 
 
 def test_no_certificate_no_connection(tls_broker: TlsBroker) -> None:
