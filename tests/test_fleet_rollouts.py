@@ -1,8 +1,8 @@
 """Staged rollouts end to end on real services: three agents on one channel, `fleet collect`
-driving the rollouts. A canary that rejects the model, or activates it and rolls it back in its
-watch, halts the rollout and nobody else downloads it; a clean canary is promoted after its soak,
-also by a collector restarted mid-soak; `fleet halt` and `fleet promote` by hand; a device group
-as the canaries, from the Python API."""
+driving the rollouts. A canary that rejects the model, or activates it and rolls it back (its
+watch, or `agent rollback`), halts the rollout and nobody else downloads it; a clean canary is
+promoted after its soak, also by a collector restarted mid-soak; `fleet halt` and `fleet promote`
+by hand; a device group as the canaries, from the Python API."""
 
 from __future__ import annotations
 
@@ -95,8 +95,10 @@ def test_a_canary_that_rejects_halts_the_rollout(fleet: Fleet, tmp_path: Path) -
         assert not [p for p in (tmp_path / device).rglob("*") if out["manifest"]["sha256"] in p.name]
 
 
-def test_a_canary_that_rolls_back_in_its_watch_halts_the_rollout(fleet: Fleet, tmp_path: Path) -> None:
-    # v2 passes the gate (finite on the gate's inputs) and returns NaN in service on obs[0, 0] > 1000.
+@pytest.mark.parametrize("by", ["watch", "operator"])
+def test_a_canary_that_rolls_back_halts_the_rollout(fleet: Fleet, tmp_path: Path, by: str) -> None:
+    """The canary activates v2 and rolls it back during the soak: its watch (v2 passes the gate,
+    finite on the gate's inputs, and returns NaN in service on obs[0, 0] > 1000) or by hand."""
     cfgs = three_on_v1(fleet, tmp_path, extra="[watch]\nwindow_s = 600\n")  # the watch outlasts the test
     v2 = nan_when_triggered(tmp_path / "v2.onnx", seed=2, dims=SMALL)
     out = fleet.publish(v2, "v2", "--canary", "go2-01", "--soak", "1h")  # no promotion before the rollback
@@ -106,22 +108,26 @@ def test_a_canary_that_rolls_back_in_its_watch_halts_the_rollout(fleet: Fleet, t
     soaking = wait_for(lambda: (r := rollouts(fleet)[rollout])["soak_until"] and r, 15, "the soak to start")
     assert soaking["state"] == "canary" and soaking["observed"]["go2-01"] == {"active": True, "failed": None}
 
-    obs = np.zeros((1, SMALL[0]), np.float32)
-    obs[0, 0] = 5000.0  # what the robot sends in service, never among the gate's inputs
-    with Policy(cfgs["go2-01"].parent / "run" / "infer.sock") as policy:
-        assert np.isnan(policy(obs)).all() and policy.model_version == "v2"
-        fleet.wait_active(cfgs["go2-01"], "v1", timeout=15)  # the watch rolled v2 back
-        assert np.isfinite(policy(obs)).all() and policy.model_version == "v1"
+    if by == "watch":
+        why = "post-activation watch: 1 responses with NaN/Inf outputs in service"
+        obs = np.zeros((1, SMALL[0]), np.float32)
+        obs[0, 0] = 5000.0  # what the robot sends in service, never among the gate's inputs
+        with Policy(cfgs["go2-01"].parent / "run" / "infer.sock") as policy:
+            assert np.isnan(policy(obs)).all() and policy.model_version == "v2"
+            fleet.wait_active(cfgs["go2-01"], "v1", timeout=15)  # the watch rolled v2 back
+            assert np.isfinite(policy(obs)).all() and policy.model_version == "v1"
+    else:
+        why = "rolled back by the operator (`agent rollback`)"
+        fleet.agent(cfgs["go2-01"], "rollback")
 
     halted = wait_state(fleet, rollout, "halted")
-    watch = "post-activation watch: 1 responses with NaN/Inf outputs in service"
-    assert halted["reason"] == f"canary go2-01 rolled_back: {watch}; canaries told to roll back to v1", halted
-    assert halted["observed"]["go2-01"] == {"active": False, "failed": f"rolled_back: {watch}"}
+    assert halted["reason"] == f"canary go2-01 rolled_back: {why}; canaries told to roll back to v1", halted
+    assert halted["observed"]["go2-01"] == {"active": False, "failed": f"rolled_back: {why}"}
     text = fleet.fleet("rollouts").stdout
     assert "halted" in text and "canary go2-01 rolled_back" in text
     canary = fleet.status(cfgs["go2-01"])
     assert canary["active"]["version"] == "v1" and canary["last_rollback"]["version"] == "v2"
-    assert watch in canary["last_rollback"]["reason"]
+    assert canary["last_rollback"]["reason"].endswith(why)
 
     # The halt's announcement (v1, targeted at go2-01) reaches the others as one more not_targeted;
     # the canary, back on v1 already, handles it (today: v1 through the gate again) and stays on v1.
