@@ -106,7 +106,8 @@ def test_a_canary_that_rolls_back_halts_the_rollout(fleet: Fleet, tmp_path: Path
     status = fleet.wait_active(cfgs["go2-01"], "v2")
     assert status["watch"]["version"] == "v2"
     soaking = wait_for(lambda: (r := rollouts(fleet)[rollout])["soak_until"] and r, 15, "the soak to start")
-    assert soaking["state"] == "canary" and soaking["observed"]["go2-01"] == {"active": True, "failed": None}
+    assert soaking["state"] == "canary"
+    assert soaking["observed"]["go2-01"] == {"active": True, "failed": None, "left": None}
 
     if by == "watch":
         why = "post-activation watch: 1 responses with NaN/Inf outputs in service"
@@ -122,7 +123,7 @@ def test_a_canary_that_rolls_back_halts_the_rollout(fleet: Fleet, tmp_path: Path
 
     halted = wait_state(fleet, rollout, "halted")
     assert halted["reason"] == f"canary go2-01 rolled_back: {why}; canaries told to roll back to v1", halted
-    assert halted["observed"]["go2-01"] == {"active": False, "failed": f"rolled_back: {why}"}
+    assert halted["observed"]["go2-01"] == {"active": False, "failed": f"rolled_back: {why}", "left": None}
     text = fleet.fleet("rollouts").stdout
     assert "halted" in text and "canary go2-01 rolled_back" in text
     canary = fleet.status(cfgs["go2-01"])
@@ -140,6 +141,30 @@ def test_a_canary_that_rolls_back_halts_the_rollout(fleet: Fleet, tmp_path: Path
         assert fleet.status(cfgs[device])["active"]["version"] == "v1"
     assert current_version(load(fleet.fleet_cfg), fleet.channel) == "v1"
     assert rollouts(fleet)[rollout]["state"] == "halted"
+
+
+def test_a_canary_moved_off_the_model_by_hand_keeps_it_from_promotion(fleet: Fleet, tmp_path: Path) -> None:
+    """`agent activate v1` on the canary mid-soak retires v2 there (not a rollback): the rollout
+    waits for the canary to run v2 again instead of promoting a model no canary runs."""
+    cfgs = three_on_v1(fleet, tmp_path)
+    out = fleet.publish(mlp(tmp_path / "v2.onnx", SMALL, seed=2), "v2", "--canary", "go2-01", "--soak", "15s")
+    rollout = out["rollout"]
+    fleet.wait_active(cfgs["go2-01"], "v2")
+    soaking = wait_for(lambda: (r := rollouts(fleet)[rollout])["soak_until"] and r, 15, "the soak to start")
+    fleet.agent(cfgs["go2-01"], "activate", "v1")
+    assert fleet.status(cfgs["go2-01"])["active"]["version"] == "v1"
+    time.sleep(max(0.0, soaking["soak_until"] - time.time()) + 3)  # the collector ticks every second
+
+    waiting = rollouts(fleet)[rollout]
+    assert waiting["state"] == "canary", waiting
+    assert waiting["reason"] == "waiting for go2-01 to activate v2 (go2-01 left it: retired: replaced by v1)"
+    assert waiting["observed"]["go2-01"] == {"active": False, "failed": None, "left": "retired: replaced by v1"}
+    (row,) = [line.split() for line in fleet.fleet("rollouts").stdout.splitlines() if line.startswith(rollout)]
+    assert row[3:5] == ["canary", "go2-01"]  # neither * (runs it) nor ! (failed)
+    for device in ("go2-02", "go2-03"):
+        assert model_events(fleet, device, "v2") == []
+        assert fleet.status(cfgs[device])["active"]["version"] == "v1"
+    assert current_version(load(fleet.fleet_cfg), fleet.channel) == "v1"
 
 
 def test_a_clean_canary_is_promoted_after_its_soak_across_a_collector_restart(fleet: Fleet, tmp_path: Path) -> None:
