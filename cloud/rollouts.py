@@ -26,9 +26,10 @@ class Observed:
 
     active: bool = False  # it runs the rollout's model
     failed: str | None = None  # "rejected: <its reason>" or "rolled_back: <its reason>"
+    left: str | None = None  # "retired: <its reason>": it ran the model, and another one replaced it
 
     def to_json(self) -> dict[str, Any]:
-        return {"active": self.active, "failed": self.failed}
+        return {"active": self.active, "failed": self.failed, "left": self.left}
 
 
 @dataclass(frozen=True)
@@ -40,17 +41,21 @@ class Action:
 
 def observe(r: Rollout, events: Iterable[Mapping[str, Any]], active: Mapping[str, str | None]) -> dict[str, Observed]:
     """Each canary's state from its `model_state` events (oldest first) about the rollout's model
-    and the active model its status reports."""
+    and the active model its status reports. A canary moved off the model without a rollback
+    (`agent activate`/`pin` of another version, a newer announcement) no longer counts as running
+    it, unless its status says it does (the same model recorded again retires its first record)."""
     seen = {d: Observed(active=active.get(d) == r.sha256) for d in r.canaries}
     for e in events:
         device = e.get("device_id")
         if device not in seen or e.get("sha256") != r.sha256 or seen[device].failed:
             continue
-        state = e.get("state")
+        state, why = e.get("state"), e.get("reason") or "no reason given"
         if state in FAILED_STATES:
-            seen[device] = Observed(active=False, failed=f"{state}: {e.get('reason') or 'no reason given'}")
+            seen[device] = Observed(active=False, failed=f"{state}: {why}")
         elif state == "active":
             seen[device] = Observed(active=True)
+        elif state == "retired" and active.get(device) != r.sha256:
+            seen[device] = Observed(active=False, left=f"retired: {why}")
     return seen
 
 
@@ -66,7 +71,9 @@ def decide(r: Rollout, seen: Mapping[str, Observed], now: float) -> Action:
             return Action("halt", f"canary {device} {failed}")
     waiting = [d for d in r.canaries if not seen.get(d, Observed()).active]
     if waiting:
-        return Action("wait", f"waiting for {', '.join(waiting)} to activate {r.version}")
+        left = "; ".join(f"{d} left it: {o.left}" for d in waiting if (o := seen.get(d, Observed())).left)
+        why = f"waiting for {', '.join(waiting)} to activate {r.version}"
+        return Action("wait", f"{why} ({left})" if left else why)
     if r.soak_until is None:
         return Action("soak", f"every canary runs {r.version}: soaking {r.soak_s:g} s", until=now + r.soak_s)
     if now >= r.soak_until:

@@ -1,7 +1,8 @@
 """Staged rollouts end to end on real services: three agents on one channel, `fleet collect`
-driving the rollouts. A canary that rejects the model halts the rollout and nobody else downloads
-it; a clean canary is promoted after its soak, also by a collector restarted mid-soak; `fleet
-halt` and `fleet promote` by hand; a device group as the canaries, from the Python API."""
+driving the rollouts. A canary that rejects the model, or activates it and rolls it back (its
+watch, or `agent rollback`), halts the rollout and nobody else downloads it; a clean canary is
+promoted after its soak, also by a collector restarted mid-soak; `fleet halt` and `fleet promote`
+by hand; a device group as the canaries, from the Python API."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from agent.client import Policy
 from cloud import Fleet as FleetAPI
+from cloud.config import load
+from cloud.publish import current_version
+from scripts.loopback.models import nan_when_triggered
 from scripts.loopback.services import stop
 from tests.conftest import Fleet, mlp, wait_for
 
@@ -22,10 +28,10 @@ DEVICES = ("go2-01", "go2-02", "go2-03")
 SMALL = (48, 64, 12)
 
 
-def three_on_v1(fleet: Fleet, tmp_path: Path) -> dict[str, Path]:
+def three_on_v1(fleet: Fleet, tmp_path: Path, extra: str = "") -> dict[str, Path]:
     """The collector, three agents, and v1 active on all of them."""
     fleet.start_collector()
-    cfgs = {d: fleet.agent_config(d) for d in DEVICES}
+    cfgs = {d: fleet.agent_config(d, extra) for d in DEVICES}
     for cfg in cfgs.values():
         fleet.start_agent(cfg)
     fleet.publish(mlp(tmp_path / "v1.onnx", SMALL, seed=1), "v1")
@@ -39,9 +45,17 @@ def rollouts(fleet: Fleet) -> dict[str, dict[str, Any]]:
 
 
 def wait_state(fleet: Fleet, rollout: str, state: str, timeout: float = 30) -> dict[str, Any]:
-    return wait_for(
-        lambda: (r := rollouts(fleet).get(rollout)) and r["state"] == state and r, timeout, f"{rollout} {state}"
-    )
+    last: dict[str, Any] = {}
+
+    def check() -> dict[str, Any] | None:
+        last.update(rollouts(fleet).get(rollout) or {})
+        return dict(last) if last.get("state") == state else None
+
+    try:
+        result: dict[str, Any] = wait_for(check, timeout, f"{rollout} {state}")
+    except AssertionError as err:  # say where it stuck
+        raise AssertionError(f"{err}; last seen: {last.get('state')}: {last.get('reason')}") from None
+    return result
 
 
 def model_events(fleet: Fleet, device: str, version: str) -> list[dict[str, Any]]:
@@ -79,6 +93,78 @@ def test_a_canary_that_rejects_halts_the_rollout(fleet: Fleet, tmp_path: Path) -
         (skipped,) = [e for e in fleet.events(device) if e["kind"] == "not_targeted" and e["version"] == "v2"]
         assert "for 1 other device(s) only" in skipped["reason"]
         assert not [p for p in (tmp_path / device).rglob("*") if out["manifest"]["sha256"] in p.name]
+
+
+@pytest.mark.parametrize("by", ["watch", "operator"])
+def test_a_canary_that_rolls_back_halts_the_rollout(fleet: Fleet, tmp_path: Path, by: str) -> None:
+    """The canary activates v2 and rolls it back during the soak: its watch (v2 passes the gate,
+    finite on the gate's inputs, and returns NaN in service on obs[0, 0] > 1000) or by hand."""
+    cfgs = three_on_v1(fleet, tmp_path, extra="[watch]\nwindow_s = 600\n")  # the watch outlasts the test
+    v2 = nan_when_triggered(tmp_path / "v2.onnx", seed=2, dims=SMALL)
+    out = fleet.publish(v2, "v2", "--canary", "go2-01", "--soak", "1h")  # no promotion before the rollback
+    rollout = out["rollout"]
+    status = fleet.wait_active(cfgs["go2-01"], "v2")
+    assert status["watch"]["version"] == "v2"
+    soaking = wait_for(lambda: (r := rollouts(fleet)[rollout])["soak_until"] and r, 15, "the soak to start")
+    assert soaking["state"] == "canary"
+    assert soaking["observed"]["go2-01"] == {"active": True, "failed": None, "left": None}
+
+    if by == "watch":
+        why = "post-activation watch: 1 responses with NaN/Inf outputs in service"
+        obs = np.zeros((1, SMALL[0]), np.float32)
+        obs[0, 0] = 5000.0  # what the robot sends in service, never among the gate's inputs
+        with Policy(cfgs["go2-01"].parent / "run" / "infer.sock") as policy:
+            assert np.isnan(policy(obs)).all() and policy.model_version == "v2"
+            fleet.wait_active(cfgs["go2-01"], "v1", timeout=15)  # the watch rolled v2 back
+            assert np.isfinite(policy(obs)).all() and policy.model_version == "v1"
+    else:
+        why = "rolled back by the operator (`agent rollback`)"
+        fleet.agent(cfgs["go2-01"], "rollback")
+
+    halted = wait_state(fleet, rollout, "halted")
+    assert halted["reason"] == f"canary go2-01 rolled_back: {why}; canaries told to roll back to v1", halted
+    assert halted["observed"]["go2-01"] == {"active": False, "failed": f"rolled_back: {why}", "left": None}
+    text = fleet.fleet("rollouts").stdout
+    assert "halted" in text and "canary go2-01 rolled_back" in text
+    canary = fleet.status(cfgs["go2-01"])
+    assert canary["active"]["version"] == "v1" and canary["last_rollback"]["version"] == "v2"
+    assert canary["last_rollback"]["reason"].endswith(why)
+
+    # The halt's announcement (v1, targeted at go2-01) reaches the others as one more not_targeted;
+    # the canary, back on v1 already, handles it (today: v1 through the gate again) and stays on v1.
+    wait_for(lambda: len([e for e in fleet.events("go2-02") if e["kind"] == "not_targeted"]) == 2, 15, "rollback")
+    wait_for(lambda: [e["state"] for e in model_events(fleet, "go2-01", "v1")].count("announced") == 2, 15, "v1 again")
+    wait_for(lambda: fleet.status(cfgs["go2-01"])["pending"] is None, 20, "the canary to be done with it")
+    assert fleet.status(cfgs["go2-01"])["active"]["version"] == "v1"
+    for device in ("go2-02", "go2-03"):
+        assert_never_received(fleet, cfgs[device], device, "v2")
+        assert fleet.status(cfgs[device])["active"]["version"] == "v1"
+    assert current_version(load(fleet.fleet_cfg), fleet.channel) == "v1"
+    assert rollouts(fleet)[rollout]["state"] == "halted"
+
+
+def test_a_canary_moved_off_the_model_by_hand_keeps_it_from_promotion(fleet: Fleet, tmp_path: Path) -> None:
+    """`agent activate v1` on the canary mid-soak retires v2 there (not a rollback): the rollout
+    waits for the canary to run v2 again instead of promoting a model no canary runs."""
+    cfgs = three_on_v1(fleet, tmp_path)
+    out = fleet.publish(mlp(tmp_path / "v2.onnx", SMALL, seed=2), "v2", "--canary", "go2-01", "--soak", "15s")
+    rollout = out["rollout"]
+    fleet.wait_active(cfgs["go2-01"], "v2")
+    soaking = wait_for(lambda: (r := rollouts(fleet)[rollout])["soak_until"] and r, 15, "the soak to start")
+    fleet.agent(cfgs["go2-01"], "activate", "v1")
+    assert fleet.status(cfgs["go2-01"])["active"]["version"] == "v1"
+    time.sleep(max(0.0, soaking["soak_until"] - time.time()) + 3)  # the collector ticks every second
+
+    waiting = rollouts(fleet)[rollout]
+    assert waiting["state"] == "canary", waiting
+    assert waiting["reason"] == "waiting for go2-01 to activate v2 (go2-01 left it: retired: replaced by v1)"
+    assert waiting["observed"]["go2-01"] == {"active": False, "failed": None, "left": "retired: replaced by v1"}
+    (row,) = [line.split() for line in fleet.fleet("rollouts").stdout.splitlines() if line.startswith(rollout)]
+    assert row[3:5] == ["canary", "go2-01"]  # neither * (runs it) nor ! (failed)
+    for device in ("go2-02", "go2-03"):
+        assert model_events(fleet, device, "v2") == []
+        assert fleet.status(cfgs[device])["active"]["version"] == "v1"
+    assert current_version(load(fleet.fleet_cfg), fleet.channel) == "v1"
 
 
 def test_a_clean_canary_is_promoted_after_its_soak_across_a_collector_restart(fleet: Fleet, tmp_path: Path) -> None:

@@ -99,6 +99,21 @@ def test_observe_reads_events_and_status() -> None:
     }
 
 
+def test_a_canary_moved_off_the_model_no_longer_runs_it() -> None:
+    """`agent activate v1` on a canary retires v2 there: not a failure, but no promotion either."""
+    r = rollout(canaries=("a", "b"), soak_until=T0 + 17)
+    events = [ev("a", "active"), ev("b", "active"), ev("a", "retired", reason="replaced by v1")]
+    seen = observe(r, events, {"a": "cd" * 32, "b": SHA})
+    assert seen == {"a": Observed(left="retired: replaced by v1"), "b": ACTIVE}
+    action = decide(r, seen, T0 + 100)  # past the soak's deadline
+    assert action.kind == "wait"
+    assert action.reason == "waiting for a to activate v2 (a left it: retired: replaced by v1)"
+    assert observe(r, [*events, ev("a", "active")], {})["a"] == ACTIVE  # back on it
+    # The same model recorded again (announced anew): the new record active, the first one retired.
+    again = [ev("a", "active"), ev("a", "active"), ev("a", "retired", reason="replaced by v2")]
+    assert observe(r, again, {"a": SHA})["a"] == ACTIVE
+
+
 def test_pick_canaries() -> None:
     devices = [f"go2-{i:02d}" for i in range(10)]
     two = pick_canaries(devices, 0.2, "v2")
