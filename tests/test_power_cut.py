@@ -2,8 +2,8 @@
 the state dir as it would be after a cut at each fsync, fdatasync and rename (tests/powercut.py has
 the model), an agent started on each, and the invariants checked: the database is sound and
 consistent, the model its history says is active (v1 or v2, never none) serves within the bound and
-answers as that model does, and the cloud never heard of a transition the device would not
-remember."""
+answers as that model does and is watched if its watch was running, and the cloud never heard of a
+transition the device would not remember."""
 
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ class Story:
     problems: list[str]
     active: str | None
     transitions: Counter[tuple[int, str]]
+    watched: bool  # the active model came from a deploy, not back from retired: its watch runs (window 1 h)
 
     @property
     def rolled_back(self) -> Counter[int]:
@@ -82,11 +83,14 @@ def _durable_story(db_file: Path) -> Story:
     db = sqlite3.connect(db_file)
     try:
         problems = db_problems(db)
-        row = db.execute("SELECT version FROM models WHERE state='active' ORDER BY id DESC").fetchone()
+        row = db.execute("SELECT id, version FROM models WHERE state='active' ORDER BY id DESC").fetchone()
         transitions = Counter((int(m), str(s)) for m, s in db.execute("SELECT model_id, state FROM transitions"))
+        came = db.execute(
+            "SELECT state FROM transitions WHERE model_id=? ORDER BY id DESC LIMIT 1 OFFSET 1", (row[0] if row else -1,)
+        ).fetchone()
     finally:
         db.close()
-    return Story(problems, row[0] if row else None, transitions)
+    return Story(problems, row[1] if row else None, transitions, came is not None and came[0] != "retired")
 
 
 def _answers(model: Path) -> np.ndarray:
@@ -118,7 +122,7 @@ ROLLBACKS: dict[str, Callable[[Fleet, Path], object]] = {
 def test_a_power_cut_at_any_sync_or_rename_leaves_a_state_that_serves(fleet: Fleet, tmp_path: Path, then: str) -> None:
     """swap: an agent is started on every cut of v2's deploy and swap; a rollback: v2 comes the same
     way, then the rollback to v1 is recorded too, and an agent is started on every cut of it."""
-    cfg = fleet.agent_config("go2-power")
+    cfg = fleet.agent_config("go2-power", extra="[watch]\nwindow_s = 3600\n")  # no watch ends in the run
     state = cfg.parent / "state"
     agent = fleet.start_agent(cfg)
     models = {"v1": mlp(tmp_path / "v1.onnx", seed=1), "v2": mlp(tmp_path / "v2.onnx", seed=2)}
@@ -197,6 +201,7 @@ def _restart_on(
     try:
         version, out = _first_answer(where / "run" / "infer.sock")
         took = time.monotonic() - started
+        status = fleet.status(cfg)
     finally:
         stop(agent)
         fleet.procs.remove(agent)
@@ -206,5 +211,10 @@ def _restart_on(
         f"cut before {snap.at}: {story.active} did not come back from its stored engine: rolled back"
         f" {sorted((after.rolled_back - story.rolled_back).elements())}"
     )
+    if status["active"]["version"] == version:  # not replaced yet (the channel's retained announcement)
+        watched = (status["watch"] or {}).get("version")
+        assert watched == (version if story.watched else None), (
+            f"cut before {snap.at}: {version} active, the watch of {watched} runs (history: watched {story.watched})"
+        )
     np.testing.assert_allclose(out, reference[version], rtol=1e-4, atol=1e-5, err_msg=f"cut before {snap.at}")
     return took, version
