@@ -42,6 +42,7 @@ class Snapshot:
     files: dict[str, bytes]  # relative path -> durable bytes
     dirs: list[str]
     seen: list[Any] = field(default_factory=list)  # what the cloud had received by then
+    phase: str = ""  # the test's name for what the agent was doing (PowerCuts.phase then)
 
 
 Entry = tuple[int, bool]  # (inode, is a directory)
@@ -58,7 +59,9 @@ class PowerCuts:
         self.dirs: dict[str, dict[str, Entry]] = {}
         self.snapshots: list[Snapshot] = []
         self.cuts = 0
-        self.calls: list[str] = []  # every call announced, in order: "pre fsync models/<sha>.onnx.part"
+        self.phase = ""  # set by the test as the run goes on: each snapshot carries it
+        self.calls: list[tuple[str, str]] = []  # (phase, call) of every call announced, in order:
+        # ("swap", "pre fsync models/<sha>.onnx.part")
         self._digests: set[str] = set()
         self._lock = threading.Lock()
         self._record_all(root)
@@ -123,11 +126,11 @@ class PowerCuts:
         digest = hashlib.sha256()
         for name in sorted(files):
             digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-        key = digest.hexdigest() + "|" + "|".join(sorted(dirs))
+        key = f"{self.phase}|{digest.hexdigest()}|" + "|".join(sorted(dirs))  # each phase from its start
         if key in self._digests:
             return
         self._digests.add(key)
-        self.snapshots.append(Snapshot(len(self.snapshots), at, files, dirs, list(self.seen)))
+        self.snapshots.append(Snapshot(len(self.snapshots), at, files, dirs, list(self.seen), self.phase))
 
     def _materialize(self, rel: str, files: dict[str, bytes], dirs: list[str]) -> None:
         dirs.append(rel)
@@ -158,7 +161,7 @@ class PowerCuts:
             return
         with self._lock:
             rel = self._rel(path)
-            self.calls.append(f"{kind} {op} {rel}")
+            self.calls.append((self.phase, f"{kind} {op} {rel}"))
             if kind == "pre":
                 self._cut(f"{op} {rel}")
             elif op in ("fsync", "fdatasync"):

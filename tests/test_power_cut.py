@@ -1,8 +1,9 @@
-"""Power cuts during a deploy and a swap: the state dir as it would be after a cut at each fsync,
-fdatasync and rename (tests/powercut.py has the model), an agent started on each, and the
-invariants checked: the database is sound and consistent, the model its history says is active
-serves within the bound and answers as that model does, and the cloud never heard of a transition
-the device would not remember."""
+"""Power cuts during a deploy and a swap, and during a rollback (`agent rollback`, `fleet rollback`):
+the state dir as it would be after a cut at each fsync, fdatasync and rename (tests/powercut.py has
+the model), an agent started on each, and the invariants checked: the database is sound and
+consistent, the model its history says is active (v1 or v2, never none) serves within the bound and
+answers as that model does and is watched if its watch was running, and the cloud never heard of a
+transition the device would not remember."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +64,33 @@ class Heard:
         self.client.disconnect()
 
 
-def _durable_story(db_file: Path) -> tuple[list[str], str | None, Counter[tuple[int, str]]]:
-    """(problems, active version, transitions) of a snapshot's database, read from a copy (SQLite
-    recovers its WAL there, as the agent's first open does)."""
+@dataclass
+class Story:
+    """What a state dir's database says, read from a copy (SQLite recovers its WAL there, as the
+    agent's first open does)."""
+
+    problems: list[str]
+    active: str | None
+    transitions: Counter[tuple[int, str]]
+    watched: bool  # the active model came from a deploy, not back from retired: its watch runs (window 1 h)
+
+    @property
+    def rolled_back(self) -> Counter[int]:
+        return Counter({m: n for (m, s), n in self.transitions.items() if s == "rolled_back"})
+
+
+def _durable_story(db_file: Path) -> Story:
     db = sqlite3.connect(db_file)
     try:
         problems = db_problems(db)
-        row = db.execute("SELECT version FROM models WHERE state='active' ORDER BY id DESC").fetchone()
+        row = db.execute("SELECT id, version FROM models WHERE state='active' ORDER BY id DESC").fetchone()
         transitions = Counter((int(m), str(s)) for m, s in db.execute("SELECT model_id, state FROM transitions"))
+        came = db.execute(
+            "SELECT state FROM transitions WHERE model_id=? ORDER BY id DESC LIMIT 1 OFFSET 1", (row[0] if row else -1,)
+        ).fetchone()
     finally:
         db.close()
-    return problems, (row[0] if row else None), transitions
+    return Story(problems, row[1] if row else None, transitions, came is not None and came[0] != "retired")
 
 
 def _answers(model: Path) -> np.ndarray:
@@ -92,8 +111,18 @@ def _first_answer(socket_path: Path) -> tuple[str, np.ndarray]:
     return answer
 
 
-def test_a_power_cut_at_any_sync_or_rename_leaves_a_state_that_serves(fleet: Fleet, tmp_path: Path) -> None:
-    cfg = fleet.agent_config("go2-power")
+# What the operator does once v2 is active: the way back to v1 (the cuts before it are the swap's).
+ROLLBACKS: dict[str, Callable[[Fleet, Path], object]] = {
+    "agent rollback": lambda fleet, cfg: fleet.agent(cfg, "rollback"),  # v1 still loaded: v2's watch runs
+    "fleet rollback": lambda fleet, cfg: fleet.fleet("rollback", "--channel", fleet.channel, "--to", "v1"),
+}
+
+
+@pytest.mark.parametrize("then", ["swap", *ROLLBACKS])
+def test_a_power_cut_at_any_sync_or_rename_leaves_a_state_that_serves(fleet: Fleet, tmp_path: Path, then: str) -> None:
+    """swap: an agent is started on every cut of v2's deploy and swap; a rollback: v2 comes the same
+    way, then the rollback to v1 is recorded too, and an agent is started on every cut of it."""
+    cfg = fleet.agent_config("go2-power", extra="[watch]\nwindow_s = 3600\n")  # no watch ends in the run
     state = cfg.parent / "state"
     agent = fleet.start_agent(cfg)
     models = {"v1": mlp(tmp_path / "v1.onnx", seed=1), "v2": mlp(tmp_path / "v2.onnx", seed=2)}
@@ -105,43 +134,57 @@ def test_a_power_cut_at_any_sync_or_rename_leaves_a_state_that_serves(fleet: Fle
 
     heard = Heard(fleet, "go2-power")
     shim = build_shim(tmp_path)
+    phase = "swap" if then == "swap" else "rollback"
     with PowerCuts(state, tmp_path / "powercut.sock", heard.seen) as cuts:
+        cuts.phase = "swap"
         agent = fleet.spawn(
             [bin_path("agent"), "--config", str(cfg), "run"],
             cfg.parent / "agent.log",
             cuts.env(shim),
         )
-        fleet.publish(models["v2"], "v2")
-        fleet.wait_active(cfg, "v2", timeout=120)
-        wait_for(lambda: fleet.status(cfg)["outbox"] == 0, 20, "the outbox to drain")
+        _until_settled(fleet, cfg, "v2", lambda: fleet.publish(models["v2"], "v2"))
+        if then in ROLLBACKS:
+            cuts.phase = "rollback"
+            _until_settled(fleet, cfg, "v1", lambda: ROLLBACKS[then](fleet, cfg))
         stop(agent)
         fleet.procs.remove(agent)
     heard.close()
 
     reference = {v: _answers(m) for v, m in models.items()}
-    ops = Counter(c.split()[1] for c in cuts.calls if c.startswith("pre "))  # every cut, before its call
-    slowest = 0.0
-    for snap in cuts.snapshots:
-        slowest = max(slowest, _restart_on(fleet, tmp_path, snap, cuts, reference))
+    ops = Counter(c.split()[1] for p, c in cuts.calls if p == phase and c.startswith("pre "))  # each cut
+    snapshots = [snap for snap in cuts.snapshots if snap.phase == phase]
+    restarts = [_restart_on(fleet, tmp_path, snap, cuts, reference) for snap in snapshots]
     print(
-        f"\npower cuts: {cuts.cuts} instants ({dict(ops)}), {len(cuts.snapshots)} distinct durable states; "
-        f"an agent started on each served the model its history says within {slowest:.2f} s"
+        f"\npower cuts during the {then}: {sum(ops.values())} instants ({dict(ops)}), {len(snapshots)} distinct "
+        f"durable states (of {len(cuts.snapshots)} in the run); an agent started on each served the model its "
+        f"history says within {max(took for took, _ in restarts):.2f} s"
     )
-    assert ops["fdatasync"] > 10 and ops["fsync"] > 4 and ops["rename"] >= 3  # SQLite's commits, the files
+    if then == "swap":
+        assert ops["fdatasync"] > 10 and ops["fsync"] > 4 and ops["rename"] >= 3  # SQLite's commits, the files
+    assert {active for _, active in restarts} == {"v1", "v2"}, f"the cuts missed a side of the {then}"
 
 
-def _restart_on(fleet: Fleet, tmp_path: Path, snap: Snapshot, cuts: PowerCuts, reference: dict[str, Any]) -> float:
+def _until_settled(fleet: Fleet, cfg: Path, version: str, act: Callable[[], object]) -> None:
+    act()
+    fleet.wait_active(cfg, version, timeout=120)
+    wait_for(lambda: fleet.status(cfg)["outbox"] == 0, 20, "the outbox to drain")
+
+
+def _restart_on(
+    fleet: Fleet, tmp_path: Path, snap: Snapshot, cuts: PowerCuts, reference: dict[str, Any]
+) -> tuple[float, str]:
+    """(restart -> first answer, the version the history says is active) on this snapshot."""
     where = tmp_path / "cut" / str(snap.index)
     cuts.write(snap, where / "state")
     probe = tmp_path / "cut" / f"{snap.index}.db"
     for suffix in ("", "-wal"):
         if (where / "state" / f"agent.db{suffix}").exists():
             shutil.copy(where / "state" / f"agent.db{suffix}", f"{probe}{suffix}")
-    problems, active, transitions = _durable_story(probe)
-    heard = Counter(snap.seen) - transitions
-    assert not problems, f"cut before {snap.at}: {problems}"
+    story = _durable_story(probe)
+    heard = Counter(snap.seen) - story.transitions
+    assert not story.problems, f"cut before {snap.at}: {story.problems}"
     assert not heard, f"cut before {snap.at}: the cloud heard of transitions the device lost: {sorted(heard)}"
-    assert active in ("v1", "v2"), f"cut before {snap.at}: active {active}"
+    assert story.active in ("v1", "v2"), f"cut before {snap.at}: active {story.active}"
 
     cfg = write_agent_config(
         where / "agent.toml",
@@ -158,11 +201,20 @@ def _restart_on(fleet: Fleet, tmp_path: Path, snap: Snapshot, cuts: PowerCuts, r
     try:
         version, out = _first_answer(where / "run" / "infer.sock")
         took = time.monotonic() - started
-        rollback = fleet.status(cfg)["last_rollback"]
+        status = fleet.status(cfg)
     finally:
         stop(agent)
         fleet.procs.remove(agent)
-    assert version == active, f"cut before {snap.at}: {version} served, the history says {active}"
-    assert rollback is None, f"cut before {snap.at}: {active} did not come back from its stored engine: {rollback}"
+    after = _durable_story(where / "state" / "agent.db")
+    assert version == story.active, f"cut before {snap.at}: {version} served, the history says {story.active}"
+    assert after.rolled_back == story.rolled_back, (
+        f"cut before {snap.at}: {story.active} did not come back from its stored engine: rolled back"
+        f" {sorted((after.rolled_back - story.rolled_back).elements())}"
+    )
+    if status["active"]["version"] == version:  # not replaced yet (the channel's retained announcement)
+        watched = (status["watch"] or {}).get("version")
+        assert watched == (version if story.watched else None), (
+            f"cut before {snap.at}: {version} active, the watch of {watched} runs (history: watched {story.watched})"
+        )
     np.testing.assert_allclose(out, reference[version], rtol=1e-4, atol=1e-5, err_msg=f"cut before {snap.at}")
-    return took
+    return took, version

@@ -154,8 +154,7 @@ class Activation:
     def activate(self, rec: ModelRecord, served: ServedModel, reason: str) -> None:
         previous_rec = self.store.active()
         baseline = self._served_p99()
-        self._end_watch("replaced before its watch ended")
-        previous = self._swap(rec, served, keep_previous=True)
+        previous = self._swap_ending_watch(rec, served, "replaced before its watch ended", keep_previous=True)
         previous_id = previous_rec.id if previous_rec is not None and previous_rec.id != rec.id else None
         changes = [(rec, ModelState.ACTIVE, reason)]
         if previous_rec is not None and previous_id is not None:
@@ -188,6 +187,19 @@ class Activation:
         except (HandOverRefused, ServingFailed) as err:  # its serving process ended while it waited
             self.server.release(served)
             raise AgentError(f"{rec.version} was not swapped in: {err}") from err
+
+    def _swap_ending_watch(
+        self, rec: ModelRecord, served: ServedModel, why: str, keep_previous: bool
+    ) -> ServedModel | None:
+        """The watch ends and `rec` is swapped in; the watch's mark changes in the caller's commit of
+        the swap (a power cut between two commits would leave the active model unwatched), or here
+        if the swap fails."""
+        self._end_watch(why, clear_mark=False)
+        try:
+            return self._swap(rec, served, keep_previous=keep_previous)
+        except Exception:
+            self._clear_watch_mark()
+            raise
 
     def _served_p99(self) -> int | None:
         summary = self.server.stats.latency.last_minute()
@@ -279,19 +291,23 @@ class Activation:
         except Exception as err:
             log.error("cannot restart serving %s: %s (retrying in %g s)", rec.version, err, RESTART_EVERY_S)
 
-    def _end_watch(self, why: str) -> None:
+    def _end_watch(self, why: str, clear_mark: bool = True) -> None:
         w, self.watch = self.watch, None
         if w is None:
             return
         if w.previous is not None:
             self.server.release(w.previous)
+        if clear_mark:
+            self._clear_watch_mark()
+        if why:
+            log.info("watch of %s ended: %s", w.version, why)
+
+    def _clear_watch_mark(self) -> None:
         try:
             self.store.set_mark(WATCH_MARK, None)
         except Exception as err:  # a full disk: a restart would watch this model again, no harm
             if not durable.no_space(err):
                 raise
-        if why:
-            log.info("watch of %s ended: %s", w.version, why)
 
     # -- operator commands -------------------------------------------------------------------------
     # Each is begun on the coordinator (checks, and the swap when the model is loaded already), its
@@ -368,12 +384,11 @@ class Activation:
         if job.cmd != "rollback":
             self.activate(rec, served, job.reason)
             return self._done(job, rec)
-        self._end_watch("rolled back by the operator")
-        self._swap(rec, served, keep_previous=False)
+        self._swap_ending_watch(rec, served, "rolled back by the operator", keep_previous=False)
         changes = [(rec, ModelState.ACTIVE, job.reason)]
         if active is not None:
             changes.insert(0, (active, ModelState.ROLLED_BACK, "rolled back by the operator (`agent rollback`)"))
-        return self.transitions(*changes)[-1]
+        return self.transitions(*changes, mark=(WATCH_MARK, None))[-1]
 
     def _done(self, job: OperatorJob, rec: ModelRecord) -> ModelRecord:
         if job.cmd == "pin":
