@@ -240,6 +240,8 @@ class FleetDB:
             " ON CONFLICT DO NOTHING",
             rows,
         )
+        if isinstance(self.db, PgConnection):
+            self.db.sync()  # in a pipeline, the count is known once the results are in
         return int(cur.rowcount)  # summed over the rows, by sqlite3 and psycopg alike
 
     def _put_reports(self, reports: Sequence[tuple[str, dict[str, Any], list[IntervalHistogram]]]) -> None:

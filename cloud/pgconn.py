@@ -5,8 +5,8 @@ DOUBLE PRECISION, no SQLite-only syntax), and the schema's few differences are i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 URL_SCHEMES = ("postgresql://", "postgres://")
@@ -34,6 +34,7 @@ class PgConnection:
         self.Error = psycopg.Error
         self._idle = psycopg.pq.TransactionStatus.IDLE
         self.conn = psycopg.connect(url, autocommit=True)
+        self._pipeline: Any = None
 
     def execute(self, sql: str, args: Iterable[Any] = (), /) -> Any:
         cur = self.conn.cursor()
@@ -42,7 +43,7 @@ class PgConnection:
 
     def executemany(self, sql: str, rows: Iterable[Iterable[Any]], /) -> Any:
         cur = self.conn.cursor()
-        cur.executemany(_pg(sql), [tuple(r) for r in rows])  # rowcount: the rows' sum (psycopg >= 3.1)
+        cur.executemany(_pg(sql), [tuple(r) for r in rows])  # rowcount: the rows' sum, once synced
         return cur
 
     def executescript(self, script: str) -> None:
@@ -50,10 +51,21 @@ class PgConnection:
             if statement.strip():
                 self.execute(statement)
 
-    def pipeline(self) -> AbstractContextManager[Any]:
+    @contextmanager
+    def pipeline(self) -> Iterator[Any]:
         """Statements sent without waiting for each result (one round trip, not one each) until a
-        result is read or the block ends: the collector's batches."""
-        return self.conn.pipeline()
+        result is read, `sync()` or the block ends: the collector's batches."""
+        with self.conn.pipeline() as p:
+            self._pipeline = p
+            try:
+                yield p
+            finally:
+                self._pipeline = None
+
+    def sync(self) -> None:
+        """In a pipeline: wait for the results sent so far (a cursor's rowcount is known after)."""
+        if self._pipeline is not None:
+            self._pipeline.sync()
 
     @property
     def in_transaction(self) -> bool:
