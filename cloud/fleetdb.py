@@ -67,6 +67,17 @@ _STATUS_COLUMNS = (
 # From the newest telemetry (by its `ts`: a QoS 1 redelivery of an older one changes nothing).
 _FIGURE_COLUMNS = ("latency_p50_us", "latency_p99_us", "latency_count", "telemetry_ts")
 _OVERVIEW = ("device_id", "online", *_STATUS_COLUMNS, *_FIGURE_COLUMNS[:-1], "last_seen")
+_NO_REPORT = ("{}", None, None, None, None)  # telemetry and _FIGURE_COLUMNS: none in this batch
+_NEWER = (
+    "excluded.telemetry_ts IS NOT NULL"
+    " AND (devices.telemetry_ts IS NULL OR devices.telemetry_ts <= excluded.telemetry_ts)"
+)
+_TOUCH = " ON CONFLICT(device_id) DO UPDATE SET last_seen=excluded.last_seen, " + ", ".join(
+    f"{c}=CASE WHEN {_NEWER} THEN excluded.{c} ELSE devices.{c} END" for c in ("telemetry", *_FIGURE_COLUMNS)
+)
+_STATUS_ROW = ("device_id", "last_seen", "online", "status", *_STATUS_COLUMNS)
+_STATUS_UPSERT = " ON CONFLICT(device_id) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in _STATUS_ROW[2:])
+_MAX_PARAMS = 900  # in one statement: under SQLite's smallest limit (999)
 _COLUMN_TYPES = {"telemetry_ts": "DOUBLE PRECISION", **dict.fromkeys(_FIGURE_COLUMNS[:-1], "BIGINT")}  # else TEXT
 
 
@@ -207,67 +218,71 @@ class FleetDB:
         with self.transaction():
             # Every device's row first, in one order: two collectors' batches lock rows alike
             # (PostgreSQL), so they queue rather than deadlock.
-            self._touch(sorted({str(m[0]) for m in (*statuses, *events, *reports)}))
-            for device_id, status in statuses:
-                self._put_status(device_id, status)
-            new = self._put_events(events) if events else 0
-            if reports:
-                self._put_reports(reports)
+            self._touch(sorted({str(m[0]) for m in (*statuses, *events, *reports)}), _newest(reports))
+            self._put_statuses(statuses)
+            new = self._put_events(events)
+            self._put_reports(reports)
         return new
 
-    def _touch(self, device_ids: list[str]) -> None:
+    def _insert(self, head: str, rows: Sequence[tuple[Any, ...]], tail: str, count: bool = False) -> int:
+        """`head VALUES (..),(..) tail` for `rows`, in as few statements as the parameter limit
+        allows (one statement a row was PostgreSQL's bottleneck); with `count`, the rows changed."""
+        changed = 0
+        width = len(rows[0]) if rows else 1  # no rows: no statement
+        step = max(1, _MAX_PARAMS // width)
+        for i in range(0, len(rows), step):
+            chunk = rows[i : i + step]
+            marks = ",".join([f"({_marks(width)})"] * len(chunk))
+            cur = self.db.execute(f"{head} VALUES {marks}{tail}", [v for row in chunk for v in row])
+            if count:
+                if isinstance(self.db, PgConnection):
+                    self.db.sync()  # in a pipeline, the count is known once the results are in
+                changed += int(cur.rowcount)
+        return changed
+
+    def _touch(self, device_ids: list[str], newest: dict[str, tuple[Any, ...]]) -> None:
+        """Each device's last_seen, and its overview's figures from its newest telemetry."""
         now = time.time()
-        self.db.executemany(
-            "INSERT INTO devices (device_id, last_seen) VALUES (?, ?) ON CONFLICT(device_id)"
-            " DO UPDATE SET last_seen=excluded.last_seen",
-            [(d, now) for d in device_ids],
+        rows = [(d, now, *newest.get(d, _NO_REPORT)) for d in device_ids]
+        self._insert(
+            f"INSERT INTO devices (device_id, last_seen, telemetry, {', '.join(_FIGURE_COLUMNS)})", rows, _TOUCH
         )
 
-    def _put_status(self, device_id: str, status: dict[str, Any]) -> None:
-        row = self.db.execute("SELECT status FROM devices WHERE device_id=?", (device_id,)).fetchone()
-        merged = json.loads(row[0]) if row else {}
-        merged.update(status)  # an "offline" status keeps what the device said before it left
-        self.db.execute(
-            f"UPDATE devices SET online=?, status=?, {_assign(_STATUS_COLUMNS)} WHERE device_id=?",
-            (1 if status.get("online") else 0, json.dumps(merged), *_status_overview(merged), device_id),
-        )
+    def _put_statuses(self, statuses: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Each status merged into what its device said before (an "offline" status keeps the
+        rest), in one read and one write for the batch."""
+        ids = sorted({d for d, _ in statuses})
+        merged: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ids), _MAX_PARAMS):
+            part = ids[i : i + _MAX_PARAMS]
+            cur = self.db.execute(
+                f"SELECT device_id, status FROM devices WHERE device_id IN ({_marks(len(part))})", part
+            )
+            merged.update((d, json.loads(text)) for d, text in cur.fetchall())
+        online: dict[str, int] = {}
+        for device_id, status in statuses:
+            merged.setdefault(device_id, {}).update(status)
+            online[device_id] = 1 if status.get("online") else 0
+        now = time.time()
+        rows = [(d, now, online[d], json.dumps(merged[d]), *_status_overview(merged[d])) for d in ids]
+        self._insert(f"INSERT INTO devices ({', '.join(_STATUS_ROW)})", rows, _STATUS_UPSERT)
 
     def _put_events(self, events: Sequence[tuple[str, dict[str, Any]]]) -> int:
         now = time.time()
         rows = [(str(e["id"]), d, str(e.get("kind", "")), float(e.get("ts", 0)), now, json.dumps(e)) for d, e in events]
-        cur = self.db.executemany(
-            "INSERT INTO events (id, device_id, kind, ts, received, payload) VALUES (?,?,?,?,?,?)"
-            " ON CONFLICT DO NOTHING",
-            rows,
-        )
-        if isinstance(self.db, PgConnection):
-            self.db.sync()  # in a pipeline, the count is known once the results are in
-        return int(cur.rowcount)  # summed over the rows, by sqlite3 and psycopg alike
+        head = "INSERT INTO events (id, device_id, kind, ts, received, payload)"
+        return self._insert(head, rows, " ON CONFLICT DO NOTHING", count=True)
 
     def _put_reports(self, reports: Sequence[tuple[str, dict[str, Any], list[IntervalHistogram]]]) -> None:
         rows, history = [], []
-        newest: dict[str, tuple[Any, ...]] = {}  # per device: (summary, *figures with ts, device_id, ts)
         for device_id, report, histograms in reports:
-            summary = json.dumps({k: v for k, v in report.items() if k != "histograms"})
-            ts = float(report.get("ts", 0))
-            rows.append((device_id, ts, summary))
-            if device_id not in newest or ts >= newest[device_id][-1]:
-                newest[device_id] = (summary, *_figures(report), device_id, ts)
+            rows.append((device_id, float(report.get("ts", 0)), _summary(report)))
             history += [
                 (device_id, h.channel or "", h.model_version or "", RAW, h.start, h.end, h.count, h.hdr)
                 for h in histograms
             ]
-        self.db.executemany(
-            "INSERT INTO telemetry (device_id, ts, payload) VALUES (?,?,?) ON CONFLICT DO NOTHING", rows
-        )
-        self.db.executemany(
-            f"UPDATE devices SET telemetry=?, {_assign(_FIGURE_COLUMNS)} WHERE device_id=?"
-            " AND (telemetry_ts IS NULL OR telemetry_ts <= ?)",
-            list(newest.values()),
-        )
-        self.db.executemany(
-            f"INSERT INTO latency ({_LATENCY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING", history
-        )
+        self._insert("INSERT INTO telemetry (device_id, ts, payload)", rows, " ON CONFLICT DO NOTHING")
+        self._insert(f"INSERT INTO latency ({_LATENCY_COLUMNS})", history, " ON CONFLICT DO NOTHING")
 
     def put_latency(self, row: LatencyRow, replace: bool) -> None:
         """Insert `row`; one with the same key is kept (a QoS 1 duplicate), or replaced."""
@@ -355,6 +370,25 @@ def _device_row(row: tuple[Any, ...]) -> dict[str, Any]:
     for key in ("pending", "last_rejected"):
         d[key] = None if d[key] is None else json.loads(d[key])
     return d
+
+
+def _summary(report: dict[str, Any]) -> str:
+    """A telemetry report without its histograms (they live in the latency history only)."""
+    return json.dumps({k: v for k, v in report.items() if k != "histograms"})
+
+
+def _newest(reports: Sequence[tuple[str, dict[str, Any], list[IntervalHistogram]]]) -> dict[str, tuple[Any, ...]]:
+    """Per device, its newest report's summary and _FIGURE_COLUMNS."""
+    newest: dict[str, tuple[Any, ...]] = {}
+    for device_id, report, _h in reports:
+        figures = _figures(report)
+        if device_id not in newest or figures[-1] >= newest[device_id][-1]:
+            newest[device_id] = (_summary(report), *figures)
+    return newest
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
 
 
 def _assign(columns: tuple[str, ...]) -> str:
