@@ -225,6 +225,30 @@ def test_a_newer_publish_to_the_channel_supersedes_a_soaking_rollout(fleet: Flee
     assert last["sequence"] == v3["sequence"] and "targets" not in last  # nothing announced after v3
 
 
+def test_a_new_rollout_supersedes_the_older_one_on_its_channel(fleet: Fleet, tmp_path: Path) -> None:
+    """v3 staged on go2-02 while v2 soaks on go2-01: without the supersede, v2's soak would end
+    with v2 announced to the whole channel, over v3's canary. `fleet promote` of v2 says why not."""
+    cfgs = three_on_v1(fleet, tmp_path)
+    v2 = fleet.publish(mlp(tmp_path / "v2.onnx", SMALL, seed=2), "v2", "--canary", "go2-01", "--soak", "6s")
+    fleet.wait_active(cfgs["go2-01"], "v2")
+    soaking = wait_for(lambda: (r := rollouts(fleet)[v2["rollout"]])["soak_until"] and r, 15, "the soak to start")
+    v3 = fleet.publish(mlp(tmp_path / "v3.onnx", SMALL, seed=3), "v3", "--canary", "go2-02", "--soak", "1h")
+    superseded = wait_state(fleet, v2["rollout"], "superseded", timeout=5)
+    assert superseded["reason"] == f"superseded by v3 (announcement {v3['sequence']} to go2-02)"
+    fleet.wait_active(cfgs["go2-02"], "v3")
+
+    time.sleep(max(0.0, soaking["soak_until"] - time.time()) + 3)
+    now = rollouts(fleet)
+    assert now[v2["rollout"]]["state"] == "superseded" and now[v3["rollout"]]["state"] == "canary"
+    assert model_events(fleet, "go2-03", "v2") == [] and fleet.status(cfgs["go2-03"])["active"]["version"] == "v1"
+    assert fleet.status(cfgs["go2-02"])["active"]["version"] == "v3"
+    late = fleet.fleet("promote", v2["rollout"], check=False)
+    assert late.returncode != 0 and f"is superseded, not canary ({superseded['reason']})" in late.stderr
+    fleet.fleet("promote", v3["rollout"])
+    for cfg in cfgs.values():
+        fleet.wait_active(cfg, "v3")
+
+
 def assert_never_received_before_promotion(fleet: Fleet, device: str, promoted_at: float) -> None:
     first = min(e["received"] for e in model_events(fleet, device, "v2"))
     assert first >= promoted_at - 1, (first, promoted_at)
