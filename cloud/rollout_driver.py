@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract.protocol import Announcement
+from agent.delivery.s3_fetch import s3_client
 from agent.errors import AgentError, PublishError
 from cloud.config import FleetConfig
 from cloud.fleetdb import FleetDB, open_existing
@@ -111,6 +112,13 @@ class Driver:
         self.cfg = cfg
         self.rdb = RolloutDB(db)
         self.lock = lock if lock is not None else threading.Lock()
+        self._s3: Any = None  # one client for the reads of every tick
+
+    def latest(self, channel: str) -> dict[str, Any] | None:
+        """The channel's last announcement, read from S3 now."""
+        if self._s3 is None:
+            self._s3 = s3_client(self.cfg.s3.endpoint_url, self.cfg.s3.region)
+        return latest_announcement(self.cfg, channel, self._s3)
 
     def observed(self, r: Rollout) -> dict[str, Observed]:
         with self.lock:
@@ -125,7 +133,7 @@ class Driver:
         for r in rollouts:
             try:
                 if r.channel not in latest:
-                    latest[r.channel] = latest_announcement(self.cfg, r.channel)
+                    latest[r.channel] = self.latest(r.channel)
                 self.step(r, time.time() if now is None else now, latest[r.channel])
             except AgentError as err:  # the broker or S3 unreachable: the next tick tries again
                 log.warning("rollout %s: %s", r.id, err)
@@ -165,7 +173,7 @@ class Driver:
     def _current(self, r: Rollout, now: float) -> bool:
         """Whether `r` still owns the channel's last announcement (read now, just before acting);
         if not, it is superseded."""
-        latest = latest_announcement(self.cfg, r.channel)
+        latest = self.latest(r.channel)
         if latest is None or own(r, latest):
             return True
         self._supersede(r, superseded_by(latest), now)
