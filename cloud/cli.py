@@ -194,10 +194,10 @@ def _by_hand(cfg: FleetConfig, rollout_id: str, what: str) -> int:
     driver = Driver(cfg, db)
     reason = f"{'promoted' if what == 'promote' else 'halted'} by hand (fleet {what})"
     done = driver.promote(r, reason) if what == "promote" else driver.halt(r, reason)
+    r = RolloutDB(db).get(rollout_id) or r  # as it is now: done, or superseded just now
     if not done:
-        raise AgentError(f"rollout {rollout_id} is {r.state}, not canary: nothing to {what}")
-    r = RolloutDB(db).get(rollout_id)
-    print(f"{rollout_id}: {r.state if r else '?'}: {r.reason if r else ''}")
+        raise AgentError(f"rollout {rollout_id} is {r.state}, not canary ({r.reason}): nothing to {what}")
+    print(f"{rollout_id}: {r.state}: {r.reason}")
     return 0
 
 

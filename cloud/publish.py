@@ -200,6 +200,13 @@ def _current_key(channel: str) -> str:
     return f"channels/{channel}/current.json"
 
 
+def latest_announcement(cfg: FleetConfig, channel: str, s3: Any = None) -> dict[str, Any] | None:
+    """The channel's last announcement, to anyone (its JSON; None before the first). `s3`: a
+    client to reuse (making one costs about 0.1 s of CPU)."""
+    s3 = s3 or s3_client(cfg.s3.endpoint_url, cfg.s3.region)
+    return _read_json(s3, cfg.s3.bucket, f"channels/{channel}/latest.json")
+
+
 def current_version(cfg: FleetConfig, channel: str) -> str | None:
     """The version last announced to the whole channel (None before the first)."""
     s3 = s3_client(cfg.s3.endpoint_url, cfg.s3.region)

@@ -14,6 +14,7 @@ from cloud.fleetdb import FleetDB
 CANARY = "canary"  # announced to the canaries only; waiting for them, then soaking
 PROMOTING, PROMOTED = "promoting", "promoted"  # announced to the whole channel
 HALTING, HALTED = "halting", "halted"  # canaries told to roll back
+SUPERSEDED = "superseded"  # a newer announcement on its channel came first: it never acts again
 OPEN = (CANARY, PROMOTING, HALTING)
 
 _COLUMNS = (

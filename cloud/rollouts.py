@@ -3,7 +3,9 @@ to do next. No I/O here: cloud/rollout_driver.py reads the database, calls `deci
 
 A rollout announces a version to its canaries only. Once every canary runs it, the soak starts
 (its deadline stored, wall clock); when the soak is over it is promoted to the whole channel. A
-canary that rejects the version or rolls it back halts the rollout at once."""
+canary that rejects the version or rolls it back halts the rollout at once. A newer announcement
+on the channel that is none of the rollout's own (a publish to the whole channel, a rollback,
+another rollout's canaries) supersedes it: it neither promotes nor halts after that."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cloud.rolloutdb import CANARY, HALTING, PROMOTING, Rollout
+from cloud.rolloutdb import CANARY, HALTING, OPEN, PROMOTING, Rollout
 
 STALE_S = 60.0  # a promotion or halt claimed this long ago and not finished was interrupted: redo it
 FAILED_STATES = ("rejected", "rolled_back")
@@ -34,7 +36,7 @@ class Observed:
 
 @dataclass(frozen=True)
 class Action:
-    kind: Literal["none", "wait", "soak", "promote", "halt", "redo"]
+    kind: Literal["none", "wait", "soak", "promote", "halt", "redo", "supersede"]
     reason: str = ""
     until: float | None = None  # for "soak": the wall-clock deadline
 
@@ -59,12 +61,37 @@ def observe(r: Rollout, events: Iterable[Mapping[str, Any]], active: Mapping[str
     return seen
 
 
-def decide(r: Rollout, seen: Mapping[str, Observed], now: float) -> Action:
-    """The next step for rollout `r`, given what its canaries did and the collector's wall clock."""
-    if r.state in (PROMOTING, HALTING):
-        return Action("redo", f"finishing an interrupted {r.state}") if now - r.updated_at > STALE_S else Action("none")
-    if r.state != CANARY:
+def supersedable(r: Rollout, now: float) -> bool:
+    """A canary rollout, or a promotion or halt that was interrupted (not one in progress)."""
+    return r.state == CANARY or (r.state in OPEN and now - r.updated_at > STALE_S)
+
+
+def own(r: Rollout, ann: Mapping[str, Any]) -> bool:
+    """Whether announcement `ann` (its JSON) is one `r` sends in its state: the canaries', and
+    once claimed, the promotion or the canaries' rollback."""
+    manifest, targets = ann.get("manifest") or {}, ann.get("targets")
+    to_canaries = targets is not None and sorted(targets) == sorted(r.canaries)
+    if manifest.get("sha256") == r.sha256 and (to_canaries or (targets is None and r.state == PROMOTING)):
+        return True
+    return r.state == HALTING and to_canaries and manifest.get("version") == r.previous_version
+
+
+def superseded_by(ann: Mapping[str, Any]) -> str:
+    targets = ann.get("targets")
+    to = "the whole channel" if targets is None else ", ".join(targets)
+    version = (ann.get("manifest") or {}).get("version")
+    return f"superseded by {version} (announcement {ann.get('sequence')} to {to})"
+
+
+def decide(r: Rollout, seen: Mapping[str, Observed], now: float, latest: Mapping[str, Any] | None = None) -> Action:
+    """The next step for rollout `r`, given what its canaries did, the channel's last announcement
+    (`latest`, its JSON; None: not known) and the collector's wall clock."""
+    if not supersedable(r, now):
         return Action("none")
+    if latest is not None and not own(r, latest):
+        return Action("supersede", superseded_by(latest))
+    if r.state != CANARY:
+        return Action("redo", f"finishing an interrupted {r.state}")
     for device in r.canaries:
         failed = seen.get(device, Observed()).failed
         if failed:

@@ -2,7 +2,8 @@
 driving the rollouts. A canary that rejects the model, or activates it and rolls it back (its
 watch, or `agent rollback`), halts the rollout and nobody else downloads it; a clean canary is
 promoted after its soak, also by a collector restarted mid-soak; `fleet halt` and `fleet promote`
-by hand; a device group as the canaries, from the Python API."""
+by hand; a device group as the canaries, from the Python API; a rollout superseded by a newer
+publish to the whole channel never promotes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from agent.client import Policy
 from cloud import Fleet as FleetAPI
 from cloud.config import load
-from cloud.publish import current_version
+from cloud.publish import current_version, latest_announcement
 from scripts.loopback.models import nan_when_triggered
 from scripts.loopback.services import stop
 from tests.conftest import Fleet, mlp, wait_for
@@ -188,6 +189,64 @@ def test_a_clean_canary_is_promoted_after_its_soak_across_a_collector_restart(fl
     for cfg in cfgs.values():
         fleet.wait_active(cfg, "v2")
     assert_never_received_before_promotion(fleet, "go2-01", promoted["updated_at"])
+
+
+def test_a_newer_publish_to_the_channel_supersedes_a_soaking_rollout(fleet: Fleet, tmp_path: Path) -> None:
+    """v3 to the whole channel while v2 soaks on its canary: the v2 rollout ends superseded (in the
+    database: a restarted collector leaves it so), is not promoted after its soak, and every device
+    ends on v3."""
+    cfgs = three_on_v1(fleet, tmp_path)
+    out = fleet.publish(mlp(tmp_path / "v2.onnx", SMALL, seed=2), "v2", "--canary", "go2-01", "--soak", "8s")
+    rollout = out["rollout"]
+    fleet.wait_active(cfgs["go2-01"], "v2")
+    soaking = wait_for(lambda: (r := rollouts(fleet)[rollout])["soak_until"] and r, 15, "the soak to start")
+    assert soaking["state"] == "canary"
+
+    v3 = fleet.publish(mlp(tmp_path / "v3.onnx", SMALL, seed=3), "v3")  # no --canary: the whole channel
+    superseded = wait_state(fleet, rollout, "superseded", timeout=10)
+    assert superseded["reason"] == f"superseded by v3 (announcement {v3['sequence']} to the whole channel)"
+    assert superseded["updated_at"] < soaking["soak_until"]  # it ended while soaking
+    text = fleet.fleet("rollouts").stdout
+    assert "superseded" in text and f"superseded by v3 (announcement {v3['sequence']}" in text
+
+    assert fleet.collector is not None
+    stop(fleet.collector)
+    fleet.start_collector()
+    time.sleep(max(0.0, soaking["soak_until"] - time.time()) + 3)  # past the soak: the collector ticks every second
+    after = rollouts(fleet)[rollout]
+    assert {**after, "observed": None} == {**superseded, "observed": None}  # the row untouched since
+    for cfg in cfgs.values():
+        fleet.wait_active(cfg, "v3")
+    for device in ("go2-02", "go2-03"):
+        assert model_events(fleet, device, "v2") == []  # v2 never reached them
+    cfg = load(fleet.fleet_cfg)
+    assert current_version(cfg, fleet.channel) == "v3"
+    last = latest_announcement(cfg, fleet.channel) or {}
+    assert last["sequence"] == v3["sequence"] and "targets" not in last  # nothing announced after v3
+
+
+def test_a_new_rollout_supersedes_the_older_one_on_its_channel(fleet: Fleet, tmp_path: Path) -> None:
+    """v3 staged on go2-02 while v2 soaks on go2-01: without the supersede, v2's soak would end
+    with v2 announced to the whole channel, over v3's canary. `fleet promote` of v2 says why not."""
+    cfgs = three_on_v1(fleet, tmp_path)
+    v2 = fleet.publish(mlp(tmp_path / "v2.onnx", SMALL, seed=2), "v2", "--canary", "go2-01", "--soak", "6s")
+    fleet.wait_active(cfgs["go2-01"], "v2")
+    soaking = wait_for(lambda: (r := rollouts(fleet)[v2["rollout"]])["soak_until"] and r, 15, "the soak to start")
+    v3 = fleet.publish(mlp(tmp_path / "v3.onnx", SMALL, seed=3), "v3", "--canary", "go2-02", "--soak", "1h")
+    superseded = wait_state(fleet, v2["rollout"], "superseded", timeout=5)
+    assert superseded["reason"] == f"superseded by v3 (announcement {v3['sequence']} to go2-02)"
+    fleet.wait_active(cfgs["go2-02"], "v3")
+
+    time.sleep(max(0.0, soaking["soak_until"] - time.time()) + 3)
+    now = rollouts(fleet)
+    assert now[v2["rollout"]]["state"] == "superseded" and now[v3["rollout"]]["state"] == "canary"
+    assert model_events(fleet, "go2-03", "v2") == [] and fleet.status(cfgs["go2-03"])["active"]["version"] == "v1"
+    assert fleet.status(cfgs["go2-02"])["active"]["version"] == "v3"
+    late = fleet.fleet("promote", v2["rollout"], check=False)
+    assert late.returncode != 0 and f"is superseded, not canary ({superseded['reason']})" in late.stderr
+    fleet.fleet("promote", v3["rollout"])
+    for cfg in cfgs.values():
+        fleet.wait_active(cfg, "v3")
 
 
 def assert_never_received_before_promotion(fleet: Fleet, device: str, promoted_at: float) -> None:

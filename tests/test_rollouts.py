@@ -17,7 +17,7 @@ from cloud.config import load
 from cloud.fleetdb import FleetDB
 from cloud.rollout_driver import choose_canaries
 from cloud.rolloutdb import CANARY, HALTING, PROMOTED, PROMOTING, Rollout, RolloutDB
-from cloud.rollouts import STALE_S, Observed, decide, observe, pick_canaries
+from cloud.rollouts import STALE_S, Action, Observed, decide, observe, pick_canaries, supersedable
 from tests.test_protocol import manifest
 
 SHA = "ab" * 32
@@ -74,6 +74,47 @@ def test_finished_and_interrupted_rollouts() -> None:
     assert decide(rollout(state=PROMOTED), seen, T0 + 1e6).kind == "none"
     assert decide(rollout(state=PROMOTING), seen, T0 + STALE_S - 1).kind == "none"  # another process at it
     assert decide(rollout(state=HALTING), seen, T0 + STALE_S + 1).kind == "redo"  # that process died
+
+
+def ann(version: str, sha: str, sequence: int, targets: list[str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"sequence": sequence, "manifest": {"version": version, "sha256": sha}}
+    return out if targets is None else {**out, "targets": targets}
+
+
+def test_a_newer_announcement_on_the_channel_supersedes_the_rollout() -> None:
+    """Any announcement that is not one of the rollout's own: a publish or rollback to the whole
+    channel, another rollout's canaries. It wins over a promotion or a halt that is due."""
+    seen, failed = {"a": ACTIVE, "b": ACTIVE}, {"a": ACTIVE, "b": Observed(failed="rejected: NaN")}
+    soaked = rollout(soak_until=T0 + 17)
+    ours = ann("v2", SHA, 5, ["b", "a"])  # the canaries', in any order
+    assert decide(soaked, seen, T0 + 20, ours).kind == "promote"
+    assert decide(soaked, failed, T0 + 20, ours).kind == "halt"
+    v3 = ann("v3", "cd" * 32, 7)
+    for canaries in (seen, failed, {}):
+        action = decide(soaked, canaries, T0 + 20, v3)
+        assert action == Action("supersede", "superseded by v3 (announcement 7 to the whole channel)")
+    newer = {
+        "v2 to everyone": ann("v2", SHA, 6),  # a plain publish (or rollback) of the same model
+        "v1 rolled back to": ann("v1", "ef" * 32, 6),
+        "v3 to another canary": ann("v3", "cd" * 32, 6, ["c"]),
+        "v2 to other canaries": ann("v2", SHA, 6, ["a"]),
+    }
+    for what, latest in newer.items():
+        assert decide(soaked, seen, T0 + 20, latest).kind == "supersede", what
+    assert decide(soaked, seen, T0 + 20, None).kind == "promote"  # no announcement known: S3 emptied
+
+    # An interrupted promotion or halt: its own announcement done or not, it is finished; after
+    # anyone else's, superseded. One still in progress elsewhere is left alone.
+    stale = T0 + STALE_S + 1
+    promoting, halting = rollout(state=PROMOTING), rollout(state=HALTING)
+    for latest in (ours, ann("v2", SHA, 6)):
+        assert decide(promoting, seen, stale, latest).kind == "redo"
+    for latest in (ours, ann("v1", "ef" * 32, 6, ["a", "b"])):
+        assert decide(halting, failed, stale, latest).kind == "redo"
+    assert decide(promoting, seen, stale, ann("v1", "ef" * 32, 6, ["a", "b"])).kind == "supersede"
+    assert decide(halting, failed, stale, ann("v2", SHA, 6)).kind == "supersede"
+    assert decide(promoting, seen, T0 + 1, v3).kind == "none" and not supersedable(promoting, T0 + 1)
+    assert decide(rollout(state=PROMOTED), seen, T0 + 1e6, v3).kind == "none"
 
 
 def ev(device: str, state: str, sha: str = SHA, reason: str = "") -> dict[str, Any]:
