@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from cloud.fleetdb import FleetDB
+from cloud.rolloutdb import HALTED, Rollout, RolloutDB
 from scripts.loopback.services import Mosquitto, MotoS3, bin_path, free_port
 from tests.conftest import Fleet, mlp, run, wait_for
 from tests.test_end_to_end import start_load, stop_load
@@ -73,6 +76,21 @@ def start_serve(fleet: Fleet, config: Path, *args: str) -> str:
     return url
 
 
+HALT_REASON = "canary go2-01 rejected: validate: finite: NaN; canaries told to roll back to v2"
+
+
+def add_halted_rollout(db_file: Path, channel: str) -> None:
+    """A staged rollout as the collector's driver leaves one that halted (test_fleet_rollouts drives
+    them end to end): the dashboard shows its state and why."""
+    db = FleetDB(db_file)
+    try:
+        row = Rollout(f"{channel}-v4", channel, "v4", "4" * 64, "v2", ("go2-01",), 600.0, "/keys/sign.pem", HALTED,
+                      HALT_REASON, time.time() - 60, None, time.time() - 30)  # fmt: skip
+        RolloutDB(db).add(row)
+    finally:
+        db.close()
+
+
 def device(filled: Filled, device_id: str) -> dict[str, Any]:
     (row,) = [d for d in get(f"{filled.url}/api/devices") if d["device_id"] == device_id]
     return row
@@ -109,6 +127,7 @@ def filled(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto, s3: Moto
         fleet.wait_rejected(agents["go2-02"], "v3")
         for d in agents:
             wait_for(lambda d=d: (device(f, d)["last_rejected"] or {}).get("version") == "v3", 30, f"{d}: v3 rejected")
+        add_halted_rollout(root / "fleet.db", fleet.channel)
         yield f
     finally:
         fleet.close()
@@ -123,15 +142,22 @@ def test_the_api_shows_devices_rollouts_latency_and_events(filled: Filled) -> No
         assert d["last_rejected"]["version"] == "v3" and d["pending"] is None, d
     assert device(filled, "go2-01")["last_rejected"]["reason"] == filled.v3_reason != ""
 
-    assert get(f"{url}/api/rollouts") == [
-        {
-            "channel": filled.fleet.channel,
-            "devices": 2,
-            "active": [{"version": "v2", "devices": ["go2-01", "go2-02"]}],
-            "pending": [],
-            "rejected": [{"version": "v3", "devices": ["go2-01", "go2-02"]}],
-        }
-    ]
+    (channel,) = get(f"{url}/api/rollouts")
+    (staged,) = channel.pop("staged")
+    assert channel == {
+        "channel": filled.fleet.channel,
+        "devices": 2,
+        "active": [{"version": "v2", "devices": ["go2-01", "go2-02"]}],
+        "pending": [],
+        "rejected": [{"version": "v3", "devices": ["go2-01", "go2-02"]}],
+    }
+    assert (staged["version"], staged["state"], staged["reason"], staged["canaries"]) == (
+        "v4",
+        HALTED,
+        HALT_REASON,
+        ["go2-01"],
+    )
+    assert "sign_key" not in staged  # a path on the publisher's machine
 
     # The same merged percentiles as `fleet latency` (v1 no longer serves: its figures are final).
     api = get(f"{url}/api/latency?version=v1&device=go2-01&since=1h")
@@ -188,6 +214,9 @@ def test_the_pages_in_chromium(filled: Filled, browser: Any) -> None:
     assert row.find_elements(By.CSS_SELECTOR, "svg.spark path"), "no sparkline for go2-01"
     rollout = browser.find_element(By.CSS_SELECTOR, f'tr.rollout[data-channel="{filled.fleet.channel}"]')
     assert "v2: go2-01, go2-02" in rollout.text
+    staged = browser.find_element(By.CSS_SELECTOR, f'tr.staged[data-rollout="{filled.fleet.channel}-v4"]')
+    assert staged.find_element(By.CSS_SELECTOR, ".state").text == HALTED
+    assert staged.find_element(By.CSS_SELECTOR, ".reason").text == HALT_REASON
     swaps = [e for e in browser.find_elements(By.CSS_SELECTOR, "tr.event") if e.get_attribute("data-version") == "v2"]
     assert any("active" in e.text for e in swaps), "the swap to v2 is not in the event stream"
     browser.save_screenshot(str(ARTEFACTS / "overview.png"))

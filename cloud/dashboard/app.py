@@ -22,6 +22,7 @@ from cloud.config import FleetConfig
 from cloud.dashboard import svg, views
 from cloud.duration import parse_duration
 from cloud.fleetdb import FleetDB
+from cloud.rolloutdb import RolloutDB
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).with_name("templates"))
 EVENTS_SHOWN = 100
@@ -88,7 +89,7 @@ def _api() -> APIRouter:
 
     @api.get("/rollouts", response_class=JSONResponse)
     def rollouts(db: DB) -> Response:
-        return _json(views.rollouts(views.devices(db)))
+        return _json(views.rollouts(views.devices(db), RolloutDB(db).all()))
 
     @api.get("/latency")
     def latency(db: DB, channel: Name = None, version: Name = None, device: Name = None, since: str = "24h") -> Any:
@@ -149,7 +150,7 @@ def _pages() -> APIRouter:
             {
                 "devices": rows,
                 "sparks": {d: svg.sparkline(points) for d, points in sparks.items()},
-                "rollouts": views.rollouts(rows),
+                "rollouts": views.rollouts(rows, RolloutDB(db).all()),
                 "events": db.events(device or None, EVENTS_SHOWN, version or None)[::-1],  # an empty field: no filter
                 "filter": {"device": device or "", "version": version or ""},
                 "now": now,

@@ -9,10 +9,13 @@ from typing import Any
 
 from cloud import latency
 from cloud.fleetdb import FleetDB, LatencyRow
+from cloud.rolloutdb import Rollout
 
 SPARK_WINDOW_S = 3600.0  # the overview's sparklines: the last hour ...
 SPARK_BIN_S = 60.0  # ... one point a minute
 CHART_POINTS, CHART_MIN_BIN_S = 60, 10.0  # the device page's chart
+STAGED_SHOWN = 5  # a channel's newest staged rollouts
+_PRIVATE = ("sign_key",)  # a path on the publisher's machine: not the dashboard's to show
 
 
 def devices(db: FleetDB, device_id: str | None = None) -> list[dict[str, Any]]:
@@ -26,9 +29,10 @@ def devices(db: FleetDB, device_id: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def rollouts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def rollouts(rows: list[dict[str, Any]], staged: list[Rollout]) -> list[dict[str, Any]]:
     """Per channel, which devices run which version, which are fetching or checking one, and which
-    rejected one: derived from the devices' last status."""
+    rejected one (from the devices' last status); and its newest staged rollouts, with their state
+    and why (from the rollouts table)."""
     channels: dict[str, dict[str, dict[str, list[str]]]] = defaultdict(
         lambda: {"active": defaultdict(list), "pending": defaultdict(list), "rejected": defaultdict(list)}
     )
@@ -39,16 +43,21 @@ def rollouts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             c["pending"][r["pending"]["version"]].append(r["device_id"])
         if r["last_rejected"]:
             c["rejected"][r["last_rejected"]["version"]].append(r["device_id"])
+    newest: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for ro in sorted(staged, key=lambda ro: ro.created_at, reverse=True):
+        if len(newest[ro.channel]) < STAGED_SHOWN:
+            newest[ro.channel].append({k: v for k, v in ro.to_json().items() if k not in _PRIVATE})
     return [
         {
             "channel": name or None,
-            "devices": sum(len(d) for d in c["active"].values()),
+            "devices": sum(len(d) for d in channels[name]["active"].values()),
             **{
                 kind: [{"version": v or None, "devices": d} for v, d in sorted(per_version.items())]
-                for kind, per_version in c.items()
+                for kind, per_version in channels[name].items()
             },
+            "staged": newest[name],
         }
-        for name, c in sorted(channels.items())
+        for name in sorted(set(channels) | set(newest))  # a channel with rollouts and no device yet too
     ]
 
 
