@@ -2,7 +2,7 @@
 """Soak: hours of the daemon's life compressed, on real services on loopback. N swaps through the
 full pipeline (publish -> download -> verify -> engine -> gate -> swap -> watch), a rejected model
 and a rollback every 10 swaps, a broker restart every 100, while a 500 Hz client calls throughout.
-Every second it samples each of the agent's processes (RSS, PSS, open fds, threads), how many there
+Every second it samples each of the agent's processes (RSS, PSS, anonymous RSS, open fds, threads), how many there
 are, the state dir's disk use and the database's size.
 
 Prints the figures after warm-up (the first 20 % of the swaps): growth per 1,000 swaps by a
@@ -42,13 +42,15 @@ WATCH = "[watch]\nwindow_s = 0.2\nkeep_models = 3\nlatency_factor = 10\n[gate]\n
 def proc_figures(pid: int) -> dict[str, int]:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    pss = 0
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            pss = int(line.split()[1])
+    rollup = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    kib = {k: int(v.split()[0]) for k, v in rollup.items()}
     return {
         "rss_kib": int(fields["VmRSS"].split()[0]),
-        "pss_kib": pss,
+        "pss_kib": kib["Pss"],
+        # Its anonymous pages (heaps, stacks): what a leak or the allocators' creep raises. PSS and
+        # USS count library pages by how many processes map them, the machine's other Python
+        # processes too, and move when those come and go.
+        "anon_kib": int(fields["RssAnon"].split()[0]),
         "threads": int(fields["Threads"]),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
     }
@@ -124,6 +126,7 @@ def figures(samples: list[dict[str, Any]], swaps: int, client: CallingClient) ->
         "client_longest_gap": longest_gap(client, samples),
         "daemon_rss_mib_per_1000_swaps": round(slope_per_1000(xs, [s["daemon"]["rss_kib"] / 1024 for s in warm]), 2),
         "daemon_pss_mib_per_1000_swaps": round(slope_per_1000(xs, [s["daemon"]["pss_kib"] / 1024 for s in warm]), 2),
+        "daemon_anon_mib_per_1000_swaps": round(slope_per_1000(xs, [s["daemon"]["anon_kib"] / 1024 for s in warm]), 2),
         "daemon_rss_mib": [round(first["daemon"]["rss_kib"] / 1024, 1), round(last["daemon"]["rss_kib"] / 1024, 1)],
         "fds": [first["daemon"]["fds"], last["daemon"]["fds"], max(s["daemon"]["fds"] for s in warm)],
         "threads": [first["daemon"]["threads"], last["daemon"]["threads"], max(s["daemon"]["threads"] for s in warm)],
@@ -249,8 +252,8 @@ def plot(samples: list[dict[str, Any]], out: Path) -> None:
 
     series = [
         (
-            "daemon RSS / PSS (MiB)",
-            [col(lambda s: s["daemon"]["rss_kib"] / 1024), col(lambda s: s["daemon"]["pss_kib"] / 1024)],
+            "daemon RSS / PSS / anonymous RSS (MiB)",
+            [col(lambda s, k=k: s["daemon"][k] / 1024) for k in ("rss_kib", "pss_kib", "anon_kib")],
         ),
         ("children PSS (MiB)", [col(lambda s: s["children_pss_kib"] / 1024)]),
         ("daemon fds / threads", [col(lambda s: s["daemon"]["fds"]), col(lambda s: s["daemon"]["threads"])]),

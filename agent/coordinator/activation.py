@@ -18,7 +18,7 @@ from agent.config import AgentConfig
 from agent.coordinator.lifecycle import ALLOWED, ModelState
 from agent.coordinator.pipeline import Pipeline
 from agent.coordinator.reporter import Reporter
-from agent.coordinator.store import ModelRecord, Store
+from agent.coordinator.store import Entry, ModelRecord, Store
 from agent.engines import Backend, engine_key, key_precision
 from agent.errors import AgentError, HandOverRefused, ServingFailed
 from agent.proc import crashpoints, durable
@@ -341,10 +341,10 @@ class Activation:
         return job
 
     def _rollback_target(self, active: ModelRecord | None) -> ModelRecord:
-        target = next((r for r in self._stored_history() if active is None or r.sha256 != active.sha256), None)
+        target = next((e for e in self._stored_history() if active is None or e.sha256 != active.sha256), None)
         if target is None:
             raise AgentError("no previous model is stored on this device to roll back to")
-        return target
+        return self.store.get(target.id)
 
     def _loaded(self, rec: ModelRecord) -> ServedModel | None:
         """The record's model when a serving process holds it already (the watch's previous one, or
@@ -404,23 +404,19 @@ class Activation:
         return was
 
     def _find(self, version: str) -> ModelRecord:
-        candidates = [
-            r
-            for r in self.store.history(1000)
-            if r.version == version and r.state in (ModelState.ACTIVE, ModelState.STAGED, ModelState.RETIRED)
-        ]
+        candidates = self.store.by_version(version, ModelState.ACTIVE, ModelState.STAGED, ModelState.RETIRED)
         if not candidates:
-            known = sorted({r.version for r in self._stored_history()})
+            known = sorted({e.version for e in self._stored_history()})
             raise AgentError(f"no usable model {version!r} on this device (stored: {', '.join(known) or 'none'})")
         rec = candidates[0]
         if not self.store.model_path(rec.sha256).exists():
             raise AgentError(f"{version} is no longer stored on this device; `fleet rollback` brings it back")
         return rec
 
-    def _stored_history(self) -> list[ModelRecord]:
+    def _stored_history(self) -> list[Entry]:
         """Models that served before (most recent first) whose files are still here."""
-        recs = self.store.by_entry(ModelState.ACTIVE, ModelState.ACTIVE, ModelState.RETIRED)
-        return [r for r in recs if self.store.model_path(r.sha256).exists()]
+        found = self.store.entries(ModelState.ACTIVE, ModelState.ACTIVE, ModelState.RETIRED)
+        return [e for e in found if self.store.model_path(e.sha256).exists()]
 
     def _load_stored(self, rec: ModelRecord) -> ServedModel:
         """On the coordinator, for a serving process that died: the model's engine is kept with it."""
@@ -442,7 +438,7 @@ class Activation:
     def collect_garbage(self) -> None:
         """Keep the files of the last `keep_models` models that served, the staged ones and the one
         being prepared; remove the rest and stale .part files."""
-        keep = {r.sha256 for r in self._stored_history()[: self.cfg.watch.keep_models]}
+        keep = {e.sha256 for e in self._stored_history()[: self.cfg.watch.keep_models]}
         keep |= {r.sha256 for r in self.store.in_state(ModelState.STAGED, ModelState.ACTIVE)}
         working = self.in_pipeline()
         if working:

@@ -214,7 +214,7 @@ class StatusBuilder:
         return None if rec is None else {"version": rec.version, "reason": rec.reason, "at": rec.updated_at}
 
     def _last_rollback(self) -> Outcome | None:
-        rolled = self.store.by_entry(ModelState.ROLLED_BACK)
+        rolled = self.store.by_entry(ModelState.ROLLED_BACK, limit=1)
         if not rolled:
             return None
         return {"version": rolled[0].version, "reason": rolled[0].reason, "at": rolled[0].updated_at}

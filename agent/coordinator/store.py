@@ -15,7 +15,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.contract.protocol import Manifest
 from agent.contract.sqltx import Transactions
@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS marks (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
   id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL);
 """
+
+CACHE_KIB = 128  # SQLite's page cache per connection; the reads cost the same (docs/benchmarks.md)
 
 
 @dataclass
@@ -73,6 +75,14 @@ class ModelRecord:
         }
 
 
+class Entry(NamedTuple):
+    """A model record's identity, without its manifest and figures."""
+
+    id: int
+    version: str
+    sha256: str
+
+
 class Store:
     """Used by one thread (the coordinator) for writes; readers open their own Store."""
 
@@ -89,6 +99,9 @@ class Store:
         for d in (self.models_dir, self.engines_dir, self.golden_dir):
             durable.makedirs(d)
         self.db = sqlite3.connect(state_dir / "agent.db", check_same_thread=False, isolation_level=None)
+        # The queries scan whole tables: SQLite's default 2 MB page cache would fill with the history
+        # (about 1 MB at the 500 models kept), the daemon's memory growing for hundreds of swaps.
+        self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
@@ -176,21 +189,38 @@ class Store:
         return found[-1] if found else None
 
     def last_rejected(self) -> ModelRecord | None:
-        found = self.by_entry(ModelState.REJECTED)
+        found = self.by_entry(ModelState.REJECTED, limit=1)
         return found[0] if found else None
 
-    def by_entry(self, state: ModelState, *now_in: ModelState) -> list[ModelRecord]:
-        """Models that entered `state` (and are now in one of `now_in`, default: still in it),
-        the most recent entry first. Ordered by the transitions' own sequence, never by their wall
-        time: the clock may have been stepped back between two of them."""
-        states = now_in or (state,)
+    def by_version(self, version: str, *states: ModelState) -> list[ModelRecord]:
+        """The records of `version` now in one of `states`, the newest first."""
         marks = ",".join("?" * len(states))
         rows = self.db.execute(
-            "SELECT m.* FROM models m JOIN (SELECT model_id, MAX(id) AS seq FROM transitions WHERE state=?"
-            f" GROUP BY model_id) t ON t.model_id = m.id WHERE m.state IN ({marks}) ORDER BY t.seq DESC",
-            [state.value, *(s.value for s in states)],
+            f"SELECT * FROM models WHERE version=? AND state IN ({marks}) ORDER BY id DESC",
+            [version, *(s.value for s in states)],
         ).fetchall()
         return [_record(r) for r in rows]
+
+    def by_entry(self, state: ModelState, *now_in: ModelState, limit: int = -1) -> list[ModelRecord]:
+        """Models that entered `state` (and are now in one of `now_in`, default: still in it),
+        the most recent entry first, `limit` of them at most (-1: all). Ordered by the transitions'
+        own sequence, never by their wall time: the clock may have been stepped back between two."""
+        return [_record(r) for r in self._by_entry("m.*", state, now_in, limit)]
+
+    def entries(self, state: ModelState, *now_in: ModelState) -> list[Entry]:
+        """`by_entry`'s models as id, version and sha256 only: what is asked on every swap and every
+        status stays small however long the history (whole records, parsed, are a burst of objects
+        that grows with it, and the allocators keep the highest burst)."""
+        return [Entry(int(i), str(v), str(s)) for i, v, s in self._by_entry("m.id, m.version, m.sha256", state, now_in)]
+
+    def _by_entry(self, columns: str, state: ModelState, now_in: tuple[ModelState, ...], limit: int = -1) -> list[Any]:
+        states = now_in or (state,)
+        marks = ",".join("?" * len(states))
+        return self.db.execute(
+            f"SELECT {columns} FROM models m JOIN (SELECT model_id, MAX(id) AS seq FROM transitions WHERE state=?"
+            f" GROUP BY model_id) t ON t.model_id = m.id WHERE m.state IN ({marks}) ORDER BY t.seq DESC LIMIT ?",
+            [state.value, *(s.value for s in states), limit],
+        ).fetchall()
 
     # -- marks (per-channel last handled sequence, ...) -----------------------------------------
     def mark(self, key: str) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,13 @@ _LOWEST_US, _HIGHEST_US, _DIGITS = 1, 60_000_000, 2
 
 
 def _hist() -> HdrHistogram:
-    return HdrHistogram(_LOWEST_US, _HIGHEST_US, _DIGITS)
+    h = HdrHistogram(_LOWEST_US, _HIGHEST_US, _DIGITS)
+    # hdrh's histogram and its encoder point at each other: each histogram the daemon drops (one a
+    # status, a 5 s bucket, a telemetry interval, a swap) waited, with its 10 KiB of counts, for a
+    # full garbage collection minutes later, hundreds at once in the main heap, which they
+    # fragmented (docs/benchmarks.md, the soak). A weak back-reference frees each one when dropped.
+    h.encoder.histogram = weakref.proxy(h)
+    return h
 
 
 @dataclass(frozen=True)
