@@ -41,11 +41,6 @@ class PgConnection:
         cur.execute(_pg(sql), tuple(args))  # our SQL: built from constants, values passed apart
         return cur
 
-    def executemany(self, sql: str, rows: Iterable[Iterable[Any]], /) -> Any:
-        cur = self.conn.cursor()
-        cur.executemany(_pg(sql), [tuple(r) for r in rows])  # rowcount: the rows' sum, once synced
-        return cur
-
     def executescript(self, script: str) -> None:
         for statement in script.split(";"):
             if statement.strip():
