@@ -113,7 +113,7 @@ class FleetDB:
             raise ConfigError(f"cannot open the collector database {path} ({err}): check [collector] db") from err
         try:
             self.db.execute("PRAGMA schema_version")  # reads the header: a foreign file fails here, unwritten
-            self.db.execute("PRAGMA journal_mode=WAL")
+            _wal(self.db)
             self.db.executescript(_SCHEMA)
             self.transaction = Transactions(self.db)
             self._telemetry_key()
@@ -178,13 +178,12 @@ class FleetDB:
 
     def _overview_columns(self) -> None:
         """The overview's columns, added to a database from before them and filled from each
-        device's stored status and telemetry (new databases get them here too)."""
-        have = {c[0] for c in self.db.execute("SELECT * FROM devices LIMIT 0").description}
-        missing = [c for c in (*_STATUS_COLUMNS, *_FIGURE_COLUMNS) if c not in have]
-        if not missing:
+        device's stored status and telemetry (new databases get them here too). Looked at inside
+        the write transaction: two collectors opening one new database do this one after the other."""
+        if not self._missing_columns():
             return
         with self.transaction():
-            for column in missing:
+            for column in self._missing_columns():
                 self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} {_COLUMN_TYPES.get(column, 'TEXT')}")
             for device_id, status, telemetry in self.db.execute(
                 "SELECT device_id, status, telemetry FROM devices"
@@ -193,6 +192,12 @@ class FleetDB:
                 self.db.execute(
                     f"UPDATE devices SET {_assign((*_STATUS_COLUMNS, *_FIGURE_COLUMNS))} WHERE device_id=?", values
                 )
+
+    def _missing_columns(self) -> list[str]:
+        cur = self.db.execute("SELECT * FROM devices LIMIT 0")
+        have = {c[0] for c in cur.description}
+        cur.close()  # an open statement would hold a read snapshot: another collector's write makes ours busy
+        return [c for c in (*_STATUS_COLUMNS, *_FIGURE_COLUMNS) if c not in have]
 
     def put_status(self, device_id: str, status: dict[str, Any]) -> None:
         self.put_batch(statuses=[(device_id, status)])
@@ -385,6 +390,20 @@ def _newest(reports: Sequence[tuple[str, dict[str, Any], list[IntervalHistogram]
         if device_id not in newest or figures[-1] >= newest[device_id][-1]:
             newest[device_id] = (_summary(report), *figures)
     return newest
+
+
+def _wal(db: sqlite3.Connection, wait_s: float = 10.0) -> None:
+    """WAL mode. Switching takes the file for a moment and SQLite's busy timeout does not wait for
+    it: two collectors opening one new database at once got "database is locked" (test_fleet_scale)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _marks(n: int) -> str:
